@@ -1,0 +1,235 @@
+"""Configuration: yacs defaults <- YAML file (with BASE inheritance) <- command-line flags / -opts.
+
+Schema: DESIGN.md section 4. Every key a YAML file or -opts sets must exist here, and its value
+must have the default's type (ints are accepted for floats, and '1e-4'-style strings too, since
+YAML 1.1 reads an exponent without a dot as a string). Mistakes raise ConfigError naming the
+file and the key.
+"""
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.BASE = ['']  # YAML files this one inherits from, relative to it; later ones win
+
+# ---------------------------------------------------------------------------------------------
+_C.DATA = CN()
+_C.DATA.DATA_PATH = ''                # folder with the list files (or class sub-folders)
+_C.DATA.TRAIN_LIST = 'train_list.txt'
+_C.DATA.VAL_LIST = 'val_list.txt'
+_C.DATA.IMAGE_SIZE = 224              # model input resolution (pixels, square)
+_C.DATA.BATCH_SIZE = 64               # per process
+_C.DATA.BATCH_SIZE_EVAL = 64          # per process
+_C.DATA.NUM_WORKERS = 8               # loader worker processes per training process
+_C.DATA.CROP_PCT = 0.875              # eval: resize to IMAGE_SIZE / CROP_PCT, centre-crop
+_C.DATA.MEAN = [0.485, 0.456, 0.406]  # ImageNet, RGB in [0, 1]
+_C.DATA.STD = [0.229, 0.224, 0.225]
+_C.DATA.ON_BAD_IMAGE = 'error'        # 'error': stop naming the file; 'skip': use another image
+
+# ---------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.NAME = 'mae_vit_base_patch16'  # a factory of transformer.py
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.GLOBAL_POOL = True           # classifier: mean of patch tokens + fc_norm; else cls token
+_C.MODEL.DROP_PATH = 0.0              # stochastic depth rate of the last block (classifier)
+_C.MODEL.MASK_RATIO = 0.75            # pre-training: fraction of patches removed
+_C.MODEL.NORM_PIX_LOSS = False        # pre-training: per-patch normalised pixel targets
+_C.MODEL.PRETRAINED = ''              # .pdparams to start from (fine-tune / probe / eval)
+_C.MODEL.RESUME = ''                  # checkpoint prefix to resume, or 'auto'
+_C.MODEL.ENCODER = CN()
+_C.MODEL.ENCODER.PATCH_SIZE = 16
+_C.MODEL.ENCODER.EMBED_DIM = 768
+_C.MODEL.ENCODER.DEPTH = 12
+_C.MODEL.ENCODER.NUM_HEADS = 12
+_C.MODEL.ENCODER.MLP_RATIO = 4.0
+_C.MODEL.DECODER = CN()
+_C.MODEL.DECODER.EMBED_DIM = 512
+_C.MODEL.DECODER.DEPTH = 8
+_C.MODEL.DECODER.NUM_HEADS = 16
+
+# ---------------------------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.MODE = 'pretrain'            # 'pretrain' | 'finetune' | 'linearprobe'
+_C.TRAIN.NUM_EPOCHS = 800
+_C.TRAIN.WARMUP_EPOCHS = 40
+_C.TRAIN.BASE_LR = 1.5e-4             # lr = BASE_LR * eff_batch / LR_SCALE_DIVISOR
+_C.TRAIN.MIN_LR = 0.0                 # end of the half-cycle cosine
+_C.TRAIN.LR_SCALE_DIVISOR = 256
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.LAYER_DECAY = 1.0            # layer-wise lr decay; 1.0 = off
+_C.TRAIN.ACCUM_ITER = 1               # gradient accumulation steps per optimizer step
+_C.TRAIN.GRAD_CLIP = 0.0              # max global grad norm; 0 = off
+_C.TRAIN.AMP = ''                     # '' (fp32) | 'float16' | 'bfloat16' (GPU only)
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'     # 'AdamW' | 'LARS'
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.95]
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9     # LARS
+_C.TRAIN.SMOOTHING = 0.0              # label smoothing
+_C.TRAIN.MIXUP_ALPHA = 0.0            # 0 = off
+_C.TRAIN.CUTMIX_ALPHA = 0.0           # 0 = off
+_C.TRAIN.MIXUP_PROB = 1.0             # probability of applying mixup or cutmix to a batch
+_C.TRAIN.MIXUP_SWITCH_PROB = 0.5      # probability of cutmix instead of mixup when both are on
+_C.TRAIN.RAND_AUGMENT = ''            # timm policy string, e.g. 'rand-m9-mstd0.5-inc1'; '' = off
+_C.TRAIN.RANDOM_ERASE_PROB = 0.0
+_C.TRAIN.RANDOM_ERASE_MODE = 'pixel'  # 'pixel' (per-pixel normal noise) | 'rand' | 'const'
+_C.TRAIN.RANDOM_ERASE_COUNT = 1
+_C.TRAIN.RRC_SCALE = [0.08, 1.0]      # RandomResizedCrop area range
+
+# ---------------------------------------------------------------------------------------------
+_C.SAVE_FREQ = 20         # epochs between epoch_{N}.pdparams (latest.* is written every epoch)
+_C.SAVE_FREQ_ITERS = 0    # also write latest.* every this many iterations; 0 = off
+_C.REPORT_FREQ = 20       # iterations between log lines
+_C.VALIDATE_FREQ = 1      # epochs between validations (fine-tune / linear probe)
+_C.SEED = 0
+_C.OUTPUT = 'output'
+
+CHOICES = {
+    'DATA.ON_BAD_IMAGE': ('error', 'skip'),
+    'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe'),
+    'TRAIN.AMP': ('', 'float16', 'bfloat16'),
+    'TRAIN.OPTIMIZER.NAME': ('AdamW', 'LARS'),
+    'TRAIN.RANDOM_ERASE_MODE': ('pixel', 'rand', 'const'),
+}
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or command-line override; the message names the key."""
+
+
+def _coerce(key, value, default, where):
+    """Return value converted to the type of default, or raise ConfigError naming key."""
+    def bad():
+        return ConfigError(f'{where}: config key {key} must be {type(default).__name__} '
+                           f'(like the default {default!r}), got {value!r}')
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if default and len(value) and key != 'BASE':
+            return [_coerce(f'{key}[{i}]', v, default[0], where) for i, v in enumerate(value)]
+        return list(value)
+    raise bad()
+
+
+def _merge(node, updates, where, prefix=''):
+    """Merge a plain dict into a CfgNode in place, checking names and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f'{where}: {prefix.rstrip(".") or "the file"} must be a mapping of '
+                          f'config keys, got {updates!r}')
+    for k, v in updates.items():
+        full = prefix + str(k)
+        if k not in node:
+            raise ConfigError(f'{where}: unknown config key {full}')
+        if isinstance(node[k], CN):
+            _merge(node[k], v, where, full + '.')
+            continue
+        v = _coerce(full, v, node[k], where)
+        if full in CHOICES and v not in CHOICES[full]:
+            raise ConfigError(f'{where}: config key {full} is {v!r}; '
+                              f'choose one of {list(CHOICES[full])}')
+        node[k] = v
+
+
+def _read_yaml(path, chain=()):
+    """-> list of (file, dict) in merge order: bases first (recursively), then the file itself."""
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f'{path}: BASE inheritance loops back to this file')
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}' +
+                          (f' (a BASE of {chain[-1]})' if chain else ''))
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        line = f' line {mark.line + 1}' if mark is not None else ''
+        raise ConfigError(f'{path}{line}: not valid YAML ({getattr(e, "problem", e)})') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: a config file must be a mapping of keys, got {data!r}')
+    bases = data.pop('BASE', [''])
+    if isinstance(bases, str):
+        bases = [bases]
+    out = []
+    for b in bases:
+        if b:
+            out += _read_yaml(os.path.join(os.path.dirname(path), b), chain + (path,))
+    out.append((path, data))
+    return out
+
+
+def get_config(cfg_file=None):
+    """Defaults, merged with cfg_file (and its BASE files) when given. Returns an unfrozen copy."""
+    config = _C.clone()
+    if cfg_file:
+        for path, data in _read_yaml(cfg_file):
+            _merge(config, data, path)
+        config.BASE = ['']
+    return config
+
+
+def merge_opts(config, opts):
+    """Apply ['KEY.SUB', 'VALUE', ...] overrides (values read as YAML, e.g. '[0.9,0.95]')."""
+    if len(opts) % 2:
+        raise ConfigError(f'-opts takes KEY VALUE pairs; got an odd number of items: {opts}')
+    for key, raw in zip(opts[0::2], opts[1::2]):
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError:
+            value = raw
+        if value is None:
+            value = ''
+        _set_key(config, key, value, '-opts')
+    return config
+
+
+def _set_key(config, key, value, where):
+    tree = value
+    for part in reversed(key.split('.')):
+        tree = {part: tree}
+    _merge(config, tree, where)
+
+
+def update_config(config, args):
+    """Apply the entry points' command-line flags (DESIGN.md 3.3), then -opts; -opts wins."""
+    config.defrost()
+    flags = {  # flag attribute -> config key
+        'data_path': 'DATA.DATA_PATH', 'output': 'OUTPUT', 'batch_size': 'DATA.BATCH_SIZE',
+        'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME', 'amp': 'TRAIN.AMP',
+    }
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            _set_key(config, key, value, f'-{attr}')
+    merge_opts(config, list(getattr(args, 'opts', None) or []))
+    return config
+
+
+def dump_config(config, path):
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(config.dump())
+    os.replace(tmp, path)
