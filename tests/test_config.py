@@ -1,0 +1,149 @@
+"""Config schema checks and the official recipes held by configs/ (DESIGN.md sections 4, 5)."""
+import argparse
+import os
+
+import pytest
+
+import config as cfgmod
+from conftest import ROOT
+
+CFG = os.path.join(ROOT, 'configs')
+SIZES = {'base': 'vit_base_patch16_224', 'large': 'vit_large_patch16_224',
+         'huge': 'vit_huge_patch14_224'}
+ARCH = {'base': (16, 768, 12, 12), 'large': (16, 1024, 24, 16), 'huge': (14, 1280, 32, 16)}
+
+
+def load(name):
+    return cfgmod.get_config(os.path.join(CFG, name + '.yaml'))
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_pretrain_recipe(size):
+    c = load(SIZES[size] + '_pretrain')
+    t = c.TRAIN
+    assert c.MODEL.NAME == f'mae_{SIZES[size][:-4]}'
+    assert (c.MODEL.ENCODER.PATCH_SIZE, c.MODEL.ENCODER.EMBED_DIM, c.MODEL.ENCODER.DEPTH,
+            c.MODEL.ENCODER.NUM_HEADS) == ARCH[size]
+    assert (c.MODEL.DECODER.EMBED_DIM, c.MODEL.DECODER.DEPTH, c.MODEL.DECODER.NUM_HEADS) == \
+        (512, 8, 16)
+    assert (t.MODE, t.WARMUP_EPOCHS, t.BASE_LR, t.WEIGHT_DECAY) == ('pretrain', 40, 1.5e-4, 0.05)
+    assert c.MODEL.MASK_RATIO == 0.75 and c.MODEL.NORM_PIX_LOSS is True
+    assert t.OPTIMIZER.NAME == 'AdamW' and t.OPTIMIZER.BETAS == [0.9, 0.95]
+    assert t.RRC_SCALE == [0.2, 1.0]
+    assert t.NUM_EPOCHS in (800, 1600)
+    assert c.DATA.BATCH_SIZE * t.ACCUM_ITER * 8 == 4096  # on one 8-GPU machine
+
+
+FINETUNE = {'base': (100, 5e-4, 0.65, 0.1), 'large': (50, 1e-3, 0.75, 0.2),
+            'huge': (50, 1e-3, 0.75, 0.3)}
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_finetune_recipe(size):
+    c = load(SIZES[size] + '_finetune')
+    t = c.TRAIN
+    assert c.MODEL.NAME == SIZES[size][:-4]
+    assert (t.NUM_EPOCHS, t.BASE_LR, t.LAYER_DECAY, c.MODEL.DROP_PATH) == FINETUNE[size]
+    assert (t.MODE, t.WARMUP_EPOCHS, t.WEIGHT_DECAY, t.MIN_LR) == ('finetune', 5, 0.05, 1e-6)
+    assert (t.SMOOTHING, t.MIXUP_ALPHA, t.CUTMIX_ALPHA, t.MIXUP_PROB, t.MIXUP_SWITCH_PROB) == \
+        (0.1, 0.8, 1.0, 1.0, 0.5)
+    assert t.RAND_AUGMENT == 'rand-m9-mstd0.5-inc1'
+    assert (t.RANDOM_ERASE_PROB, t.RANDOM_ERASE_MODE, t.RANDOM_ERASE_COUNT) == (0.25, 'pixel', 1)
+    assert t.OPTIMIZER.BETAS == [0.9, 0.999] and c.MODEL.GLOBAL_POOL is True
+    assert c.DATA.BATCH_SIZE * t.ACCUM_ITER * 8 == 1024
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_linearprobe_recipe(size):
+    c = load(SIZES[size] + '_linearprobe')
+    t = c.TRAIN
+    assert (t.MODE, t.OPTIMIZER.NAME, t.BASE_LR, t.WEIGHT_DECAY, t.WARMUP_EPOCHS) == \
+        ('linearprobe', 'LARS', 0.1, 0.0, 10)
+    assert t.NUM_EPOCHS == (90 if size == 'base' else 50)
+    assert c.MODEL.GLOBAL_POOL is False
+    assert c.DATA.BATCH_SIZE * t.ACCUM_ITER * 8 == 16384
+
+
+def test_every_config_file_loads():
+    names = sorted(f[:-5] for f in os.listdir(CFG) if f.endswith('.yaml'))
+    assert len(names) == 12
+    for n in names:
+        assert load(n).BASE == ['']
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    f = write(tmp_path, 'a.yaml', 'TRAIN:\n  BASE_LRR: 0.1\n')
+    with pytest.raises(cfgmod.ConfigError, match=r'a\.yaml.*unknown config key TRAIN\.BASE_LRR'):
+        cfgmod.get_config(f)
+
+
+def test_wrong_type_names_key(tmp_path):
+    f = write(tmp_path, 'a.yaml', 'DATA:\n  BATCH_SIZE: many\n')
+    with pytest.raises(cfgmod.ConfigError, match=r'DATA\.BATCH_SIZE must be int'):
+        cfgmod.get_config(f)
+    f = write(tmp_path, 'b.yaml', 'MODEL:\n  NORM_PIX_LOSS: 1\n')
+    with pytest.raises(cfgmod.ConfigError, match=r'MODEL\.NORM_PIX_LOSS must be bool'):
+        cfgmod.get_config(f)
+
+
+def test_choices_are_checked(tmp_path):
+    f = write(tmp_path, 'a.yaml', 'TRAIN:\n  MODE: pretraining\n')
+    with pytest.raises(cfgmod.ConfigError, match=r"TRAIN\.MODE is 'pretraining'"):
+        cfgmod.get_config(f)
+
+
+def test_yaml_exponent_without_dot_and_int_for_float(tmp_path):
+    # YAML 1.1 reads 5e-4 as a string and 1 as an int: both are accepted for float keys
+    f = write(tmp_path, 'a.yaml', 'TRAIN:\n  BASE_LR: 5e-4\n  MIN_LR: 0\n')
+    c = cfgmod.get_config(f)
+    assert c.TRAIN.BASE_LR == 5e-4 and isinstance(c.TRAIN.MIN_LR, float)
+
+
+def test_base_inheritance_order_and_missing_base(tmp_path):
+    write(tmp_path, 'a.yaml', 'TRAIN:\n  NUM_EPOCHS: 3\n  WARMUP_EPOCHS: 1\n')
+    write(tmp_path, 'b.yaml', 'TRAIN:\n  NUM_EPOCHS: 4\n')
+    f = write(tmp_path, 'c.yaml', "BASE: ['a.yaml', 'b.yaml']\nTRAIN:\n  WARMUP_EPOCHS: 2\n")
+    c = cfgmod.get_config(f)
+    assert (c.TRAIN.NUM_EPOCHS, c.TRAIN.WARMUP_EPOCHS) == (4, 2)
+    f = write(tmp_path, 'd.yaml', "BASE: ['nope.yaml']\n")
+    with pytest.raises(cfgmod.ConfigError, match=r'nope\.yaml.*a BASE of .*d\.yaml'):
+        cfgmod.get_config(f)
+    f = write(tmp_path, 'e.yaml', "BASE: ['e.yaml']\n")
+    with pytest.raises(cfgmod.ConfigError, match='loops'):
+        cfgmod.get_config(f)
+
+
+def test_bad_yaml_names_line(tmp_path):
+    f = write(tmp_path, 'a.yaml', 'TRAIN:\n  BASE_LR: [0.1\n')
+    with pytest.raises(cfgmod.ConfigError, match=r'a\.yaml line \d+: not valid YAML'):
+        cfgmod.get_config(f)
+
+
+def test_flags_and_opts():
+    c = load('tiny_finetune')
+    args = argparse.Namespace(data_path='/data/x', output='out', batch_size=8, pretrained=None,
+                              resume='auto', amp=None,
+                              opts=['TRAIN.OPTIMIZER.BETAS', '[0.8,0.9]', 'TRAIN.BASE_LR', '1e-3',
+                                    'DATA.BATCH_SIZE', '16'])
+    cfgmod.update_config(c, args)
+    assert c.DATA.DATA_PATH == '/data/x' and c.OUTPUT == 'out' and c.MODEL.RESUME == 'auto'
+    assert c.DATA.BATCH_SIZE == 16  # -opts wins over -batch_size
+    assert c.TRAIN.OPTIMIZER.BETAS == [0.8, 0.9] and c.TRAIN.BASE_LR == 1e-3
+    with pytest.raises(cfgmod.ConfigError, match=r'-opts.*unknown config key TRAIN\.NOPE'):
+        cfgmod.merge_opts(c, ['TRAIN.NOPE', '1'])
+    with pytest.raises(cfgmod.ConfigError, match='odd number'):
+        cfgmod.merge_opts(c, ['TRAIN.BASE_LR'])
+
+
+def test_dump_round_trip(tmp_path):
+    c = load('vit_large_patch16_224_finetune')
+    path = str(tmp_path / 'config.yaml')
+    cfgmod.dump_config(c, path)
+    assert cfgmod.get_config(path) == c
+    assert not os.path.exists(path + '.tmp')

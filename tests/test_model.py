@@ -1,0 +1,132 @@
+"""Unit checks of transformer.py against the facts of the official MAE (DESIGN.md section 5)."""
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import config as cfgmod
+import transformer as T
+from conftest import ROOT
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=3, decoder_embed_dim=64,
+            decoder_depth=1, decoder_num_heads=4)
+
+
+def test_masking_keeps_smallest_noise_and_counts():
+    paddle.seed(0)
+    model = T.MaskedAutoencoderViT(**TINY)
+    n, l = 3, 64
+    noise = np.random.RandomState(0).rand(n, l).astype('float32')
+    x = paddle.to_tensor(np.random.RandomState(1).randn(n, l, 8).astype('float32'))
+    kept, mask, ids_restore = model.random_masking(x, 0.75, paddle.to_tensor(noise))
+    keep = int(l * 0.25)
+    order = np.argsort(noise, axis=1)
+    assert kept.shape == [n, keep, 8]
+    np.testing.assert_array_equal(kept.numpy(), np.take_along_axis(
+        x.numpy(), order[:, :keep, None], axis=1))
+    expected_mask = np.ones((n, l), 'float32')
+    np.put_along_axis(expected_mask, order[:, :keep], 0, axis=1)
+    np.testing.assert_array_equal(mask.numpy(), expected_mask)
+    np.testing.assert_array_equal(ids_restore.numpy(), np.argsort(order, axis=1))
+
+
+def test_mask_ratio_without_noise_is_random_but_counted():
+    model = T.MaskedAutoencoderViT(**TINY)
+    imgs = paddle.randn([2, 3, 32, 32])
+    _, pred, mask = model(imgs, mask_ratio=0.6)
+    assert pred.shape == [2, 64, 4 * 4 * 3]
+    assert mask.numpy().sum(1).tolist() == [64 - int(64 * 0.4)] * 2
+    with pytest.raises(ValueError, match=r'noise has shape \[2, 10\], expected \[2, 64\]'):
+        model(imgs, noise=paddle.rand([2, 10]))
+
+
+def test_patchify_layout_and_round_trip():
+    model = T.MaskedAutoencoderViT(**TINY)
+    imgs = np.random.RandomState(0).randn(2, 3, 32, 32).astype('float32')
+    patches = model.patchify(paddle.to_tensor(imgs)).numpy()
+    # patch (row 1, col 2), pixel (y 3, x 0), channel 2: index (p, q, c) in the last axis
+    assert patches[1, 1 * 8 + 2, (3 * 4 + 0) * 3 + 2] == imgs[1, 2, 4 + 3, 8 + 0]
+    back = model.unpatchify(paddle.to_tensor(patches)).numpy()
+    np.testing.assert_array_equal(back, imgs)
+
+
+def test_official_init():
+    paddle.seed(1)
+    m = T.MaskedAutoencoderViT(**dict(TINY, embed_dim=192, num_heads=3))
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    d = 192
+    qkv = sd['blocks.0.attn.qkv.weight']  # xavier-uniform on the fused [D, 3D] matrix
+    bound = math.sqrt(6 / (d + 3 * d))
+    assert qkv.shape == (d, 3 * d)
+    assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.95 * bound
+    assert abs(qkv.std() - bound / math.sqrt(3)) < 0.05 * bound
+    pe = sd['patch_embed.proj.weight']  # like a Linear on its [D, C*p*p] view
+    b_pe = math.sqrt(6 / (d + 3 * 16))
+    assert np.abs(pe).max() <= b_pe and np.abs(pe).max() > 0.95 * b_pe
+    assert np.all(sd['blocks.0.mlp.fc1.bias'] == 0) and np.all(sd['decoder_pred.bias'] == 0)
+    assert np.all(sd['norm.weight'] == 1) and np.all(sd['decoder_norm.bias'] == 0)
+    assert abs(sd['cls_token'].std() - 0.02) < 0.006 and abs(sd['mask_token'].std() - 0.02) < 0.006
+    assert m.norm._epsilon == 1e-6 and m.blocks[0].norm1._epsilon == 1e-6
+    assert m.pos_embed.stop_gradient and m.decoder_pos_embed.stop_gradient
+    assert not m.cls_token.stop_gradient
+
+
+def test_classifier_heads_have_official_keys():
+    kw = dict(img_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=5)
+    gp = T.VisionTransformer(global_pool=True, **kw).state_dict()
+    assert 'fc_norm.weight' in gp and 'norm.weight' not in gp
+    cls = T.VisionTransformer(global_pool=False, **kw).state_dict()
+    assert 'norm.weight' in cls and 'fc_norm.weight' not in cls
+    probe = T.add_linear_probe_head(T.VisionTransformer(global_pool=False, **kw))
+    keys = {k for k in probe.state_dict() if k.startswith('head.')}
+    assert keys == {'head.0._mean', 'head.0._variance', 'head.1.weight', 'head.1.bias'}
+    probe.init_head(0.01)
+    w = probe.head[1].weight.numpy()
+    assert w.shape == (96, 5) and abs(w.std() - 0.01) < 0.004
+    assert probe(paddle.randn([4, 3, 32, 32])).shape == [4, 5]
+
+
+def test_build_model_follows_config():
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
+    c.DATA.IMAGE_SIZE = 48
+    m = T.build_model(c)
+    assert m.pos_embed.shape == [1, 1 + 12 * 12, 192]
+    assert m.head.weight.shape == [192, c.MODEL.NUM_CLASSES]
+    assert m.blocks[-1].drop_path.drop_prob == pytest.approx(c.MODEL.DROP_PATH)
+    c.MODEL.NAME = 'mae_vit_tiny_patch4'
+    with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_tiny_patch4' does not fit "
+                                         "TRAIN.MODE 'finetune'"):
+        T.build_model(c)
+    c.MODEL.NAME = 'vit_gigantic'
+    with pytest.raises(ValueError, match="MODEL.NAME 'vit_gigantic' is not a known model"):
+        T.build_model(c)
+    p = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
+    assert isinstance(p, T.MaskedAutoencoderViT) and p.norm_pix_loss
+
+
+def test_checkpoint_at_lower_resolution_loads_after_interpolation():
+    kw = dict(patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=5)
+    small = T.VisionTransformer(img_size=32, **kw).eval()
+    big = T.VisionTransformer(img_size=48, **kw).eval()
+    state = {k: v.numpy() for k, v in small.state_dict().items()}
+    state['pos_embed'] = T.interpolate_pos_embed(state['pos_embed'], 12)
+    big.set_state_dict(state)
+    np.testing.assert_array_equal(big.pos_embed.numpy(), state['pos_embed'])
+    assert big(paddle.randn([2, 3, 48, 48])).shape == [2, 5]
+    with pytest.raises(ValueError, match='input images are 32x32, the model expects 48x48'):
+        big(paddle.randn([1, 3, 32, 32]))
+
+
+def test_drop_path_is_per_sample_and_off_in_eval():
+    dp = T.DropPath(0.5)
+    x = paddle.ones([64, 4, 8])
+    dp.train()
+    y = dp(x).numpy()
+    per_sample = y.reshape(64, -1)
+    assert set(np.unique(per_sample).tolist()) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # whole samples dropped
+    assert 0 < (per_sample[:, 0] == 0).sum() < 64
+    dp.eval()
+    np.testing.assert_array_equal(dp(x).numpy(), x.numpy())

@@ -1,0 +1,304 @@
+"""Parity of the Paddle models with independent PyTorch references, through the converter.
+
+References (code no one here wrote, installed from PyPI, see requirements-test.txt):
+- HuggingFace transformers' ViTMAEForPreTraining: the MAE pre-training model (takes `noise`);
+- timm's VisionTransformer: the classifier the official models_vit.py subclasses.
+Each test builds the reference with random weights, rewrites its state_dict into the official
+MAE key layout, saves it as an official checkpoint ({'model': state_dict}), converts it with
+port_weights/convert_official.py (CLI), loads the result into the Paddle model and compares
+outputs (and gradients) on the same images and masking noise.
+"""
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+import torch  # noqa: E402  (test-only, requirements-test.txt)
+import timm.models.vision_transformer as timm_vit  # noqa: E402
+from timm.layers import resample_abs_pos_embed  # noqa: E402
+from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
+
+import transformer  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+CONVERTER = os.path.join(ROOT, 'port_weights', 'convert_official.py')
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def perturb_(module, seed, skip=('position_embeddings', 'decoder_pos_embed')):
+    """Add noise to every trainable tensor so LayerNorm gains and biases are not 1 / 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(s in name for s in skip):
+                continue
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+_HF_BLOCK = {  # HF ViTMAE layer sub-key -> official block sub-key (q/k/v are fused separately)
+    'layernorm_before': 'norm1', 'layernorm_after': 'norm2', 'attention.o_proj': 'attn.proj',
+    'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
+}
+_HF_TOP = {
+    'vit.embeddings.cls_token': 'cls_token',
+    'vit.embeddings.position_embeddings': 'pos_embed',
+    'vit.embeddings.patch_embeddings.projection': 'patch_embed.proj',
+    'vit.layernorm': 'norm',
+    'decoder.mask_token': 'mask_token',
+    'decoder.decoder_pos_embed': 'decoder_pos_embed',
+    'decoder.decoder_embed': 'decoder_embed',
+    'decoder.decoder_norm': 'decoder_norm',
+    'decoder.decoder_pred': 'decoder_pred',
+}
+
+
+def hf_to_official(tensors):
+    """HF ViTMAE names -> official MAE names (fusing q, k, v into qkv, in that order)."""
+    out, qkv = {}, {}
+    for name, t in tensors.items():
+        m = re.match(r'(vit\.layers|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$', name)
+        if m:
+            prefix = 'blocks' if m.group(1) == 'vit.layers' else 'decoder_blocks'
+            sub, kind = m.group(3), m.group(4)
+            if sub in ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'):
+                qkv.setdefault((prefix, m.group(2), kind), {})[sub[-6]] = t
+                continue
+            out[f'{prefix}.{m.group(2)}.{_HF_BLOCK[sub]}.{kind}'] = t
+            continue
+        base, _, kind = name.rpartition('.')
+        if name in _HF_TOP:
+            out[_HF_TOP[name]] = t
+        elif base in _HF_TOP:
+            out[f'{_HF_TOP[base]}.{kind}'] = t
+        else:
+            raise KeyError(f'no official name for HF key {name}')
+    for (prefix, i, kind), parts in qkv.items():
+        out[f'{prefix}.{i}.attn.qkv.{kind}'] = torch.cat([parts['q'], parts['k'], parts['v']], 0)
+    return out
+
+
+def save_official(state_dict, path):
+    torch.save({'model': {k: v.detach().clone().contiguous() for k, v in state_dict.items()}},
+               path)
+
+
+def convert(src, dst):
+    r = subprocess.run([sys.executable, CONVERTER, '--src', str(src), '--dst', str(dst)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def load_into(model, path):
+    state = paddle.load(str(path))
+    assert sorted(state) == sorted(model.state_dict()), 'converted keys differ from the model'
+    model.set_state_dict(state)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), np.asarray(state[k]), err_msg=k)
+    return model
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def official_grad_to_paddle(name, g):
+    """Official-layout gradient (torch) -> Paddle layout (2-D Linear weights transposed)."""
+    g = g.detach().numpy()
+    return g.T if name.endswith('.weight') and g.ndim == 2 else g
+
+
+# ---------------------------------------------------------------------------------------------
+# MAE pre-training: HF ViTMAE
+# ---------------------------------------------------------------------------------------------
+MAE_CASES = {
+    # name: (paddle kwargs, batch)
+    'tiny-normpix': (dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
+                          decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                          norm_pix_loss=True), 3),
+    'tiny-plain': (dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
+                        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                        norm_pix_loss=False), 3),
+    'nondefault-size-48px-p8': (dict(img_size=48, patch_size=8, embed_dim=128, depth=2,
+                                     num_heads=8, decoder_embed_dim=48, decoder_depth=1,
+                                     decoder_num_heads=3, mlp_ratio=2.0,
+                                     norm_pix_loss=True), 2),
+    'vit-base-official': (dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
+                               num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                               decoder_num_heads=16, norm_pix_loss=True), 2),
+}
+
+
+def hf_mae(kw):
+    mlp = kw.get('mlp_ratio', 4.0)
+    cfg = ViTMAEConfig(
+        image_size=kw['img_size'], patch_size=kw['patch_size'], num_channels=3,
+        hidden_size=kw['embed_dim'], num_hidden_layers=kw['depth'],
+        num_attention_heads=kw['num_heads'], intermediate_size=int(kw['embed_dim'] * mlp),
+        decoder_hidden_size=kw['decoder_embed_dim'],
+        decoder_num_hidden_layers=kw['decoder_depth'],
+        decoder_num_attention_heads=kw['decoder_num_heads'],
+        decoder_intermediate_size=int(kw['decoder_embed_dim'] * mlp),
+        norm_pix_loss=kw['norm_pix_loss'], layer_norm_eps=1e-6, qkv_bias=True,
+        hidden_act='gelu', mask_ratio=0.75, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation='eager')
+    model = ViTMAEForPreTraining(cfg)
+    # transformers 5 may leave the fixed sin-cos tables at zero after construction; run its own
+    # initialisers so the reference holds the official embeddings
+    model.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
+    model.vit.embeddings.initialize_weights()
+    model.decoder.initialize_weights(model.vit.embeddings.patch_embeddings.num_patches)
+    assert float(model.decoder.decoder_pos_embed.abs().sum()) > 0
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def mae_pair(case, tmp_root):
+    kw, batch = MAE_CASES[case]
+    torch.manual_seed(0)
+    ref = hf_mae(kw).eval()
+    perturb_(ref, seed=1)
+    official = hf_to_official(ref.state_dict())
+    src = os.path.join(tmp_root, f'{case}.pth')
+    dst = os.path.join(tmp_root, f'{case}.pdparams')
+    save_official(official, src)
+    out = convert(src, dst)
+    model = load_into(transformer.MaskedAutoencoderViT(**kw), dst)
+    model.eval()
+    rng = np.random.RandomState(2)
+    imgs = rng.randn(batch, 3, kw['img_size'], kw['img_size']).astype('float32')
+    num_patches = (kw['img_size'] // kw['patch_size']) ** 2
+    noise = rng.rand(batch, num_patches).astype('float32')
+    return ref, model, imgs, noise, out
+
+
+@pytest.fixture(scope='module')
+def tmp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('parity'))
+
+
+@pytest.mark.parametrize('case', list(MAE_CASES))
+def test_mae_forward_matches_hf(case, tmp_root):
+    ref, model, imgs, noise, log = mae_pair(case, tmp_root)
+    assert 'pretrain-full' in log
+    with torch.no_grad():
+        r = ref(pixel_values=torch.from_numpy(imgs), noise=torch.from_numpy(noise))
+    loss, pred, mask = model(paddle.to_tensor(imgs), mask_ratio=0.75,
+                             noise=paddle.to_tensor(noise))
+    np.testing.assert_array_equal(mask.numpy(), r.mask.numpy())
+    assert mask.numpy().sum() == imgs.shape[0] * (noise.shape[1] - int(noise.shape[1] * 0.25))
+    assert list(pred.shape) == list(r.logits.shape)
+    pred_diff = float(np.abs(pred.numpy() - r.logits.numpy()).max())
+    loss_rel = abs(float(loss) - float(r.loss)) / abs(float(r.loss))
+    print(f'{case}: loss rel diff {loss_rel:.2e}, pred max abs diff {pred_diff:.2e}')
+    assert pred_diff < 1e-4
+    assert loss_rel < 1e-5
+
+
+GRAD_NAMES = ['patch_embed.proj.weight', 'cls_token', 'blocks.0.attn.qkv.weight',
+              'blocks.0.attn.qkv.bias', 'blocks.1.mlp.fc1.weight', 'norm.weight', 'mask_token',
+              'decoder_embed.weight', 'decoder_blocks.0.attn.proj.weight', 'decoder_pred.weight',
+              'decoder_pred.bias']
+
+
+@pytest.mark.parametrize('case', ['tiny-normpix', 'nondefault-size-48px-p8'])
+def test_mae_gradients_match_hf(case, tmp_root):
+    ref, model, imgs, noise, _ = mae_pair(case, tmp_root)
+    ref.zero_grad()
+    r = ref(pixel_values=torch.from_numpy(imgs), noise=torch.from_numpy(noise))
+    r.loss.backward()
+    ref_grads = hf_to_official({n: p.grad for n, p in ref.named_parameters()
+                                if p.grad is not None})
+    model.clear_gradients()
+    loss, _, _ = model(paddle.to_tensor(imgs), noise=paddle.to_tensor(noise))
+    loss.backward()
+    params = dict(model.named_parameters())
+    for name in GRAD_NAMES:
+        g_ref = official_grad_to_paddle(name, ref_grads[name])
+        g = params[name].grad.numpy()
+        assert g.shape == g_ref.shape, name
+        d = rel(g, g_ref)
+        print(f'{case}: grad {name} rel diff {d:.2e}')
+        assert d < 1e-4, name
+    # the fixed position embeddings get no gradient, as in the official model
+    assert params['pos_embed'].grad is None and params['decoder_pos_embed'].grad is None
+
+
+def test_sincos_pos_embed_matches_hf():
+    kw = MAE_CASES['nondefault-size-48px-p8'][0]
+    ref = hf_mae(kw)
+    model = transformer.MaskedAutoencoderViT(**kw)
+    sd = ref.state_dict()
+    for ours, theirs in (('pos_embed', 'vit.embeddings.position_embeddings'),
+                         ('decoder_pos_embed', 'decoder.decoder_pos_embed')):
+        a = model.state_dict()[ours].numpy()
+        b = sd[theirs].numpy()
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-6, ours
+        assert np.all(a[0, 0] == 0)  # cls row
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier (fine-tune / linear-probe model): timm VisionTransformer
+# ---------------------------------------------------------------------------------------------
+VIT_CASES = {
+    'global-pool': dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
+                        num_classes=7, global_pool=True),
+    'cls-token': dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
+                      num_classes=7, global_pool=False),
+    'vit-base-global-pool': dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
+                                 num_heads=12, num_classes=1000, global_pool=True),
+}
+
+
+def timm_vit_model(kw):
+    return timm_vit.VisionTransformer(
+        img_size=kw['img_size'], patch_size=kw['patch_size'], embed_dim=kw['embed_dim'],
+        depth=kw['depth'], num_heads=kw['num_heads'], num_classes=kw['num_classes'],
+        mlp_ratio=4.0, qkv_bias=True, global_pool='avg' if kw['global_pool'] else 'token',
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+@pytest.mark.parametrize('case', list(VIT_CASES))
+def test_vit_logits_match_timm(case, tmp_root):
+    kw = VIT_CASES[case]
+    torch.manual_seed(3)
+    ref = timm_vit_model(kw).eval()
+    perturb_(ref, seed=4, skip=())
+    sd = ref.state_dict()
+    # the official global-pool model has fc_norm and no final norm, the cls-token one the reverse
+    assert ('fc_norm.weight' in sd) == kw['global_pool']
+    assert ('norm.weight' in sd) != kw['global_pool']
+    src = os.path.join(tmp_root, f'vit-{case}.pth')
+    dst = os.path.join(tmp_root, f'vit-{case}.pdparams')
+    save_official(sd, src)
+    assert 'finetuned' in convert(src, dst)
+    model = load_into(transformer.VisionTransformer(**kw), dst).eval()
+    imgs = np.random.RandomState(5).randn(3, 3, kw['img_size'], kw['img_size']).astype('float32')
+    with torch.no_grad():
+        r = ref(torch.from_numpy(imgs)).numpy()
+    out = model(paddle.to_tensor(imgs)).numpy()
+    assert out.shape == r.shape == (3, kw['num_classes'])
+    d = float(np.abs(out - r).max())
+    print(f'{case}: logits max abs diff {d:.2e}')
+    assert d < 1e-4
+
+
+def test_pos_embed_interpolation_matches_timm():
+    rng = np.random.RandomState(6)
+    pe = rng.randn(1, 1 + 14 * 14, 32).astype('float32')
+    for new in (24, 28, 7):  # 224 -> 384 and 448 (patch 16), and down-sampling
+        ours = transformer.interpolate_pos_embed(pe, new)
+        theirs = resample_abs_pos_embed(torch.from_numpy(pe), new_size=[new, new],
+                                        num_prefix_tokens=1, interpolation='bicubic',
+                                        antialias=False).numpy()
+        assert ours.shape == theirs.shape == (1, 1 + new * new, 32)
+        np.testing.assert_array_equal(ours[:, :1], pe[:, :1])
+        assert np.abs(ours - theirs).max() < 1e-5, new
