@@ -23,9 +23,18 @@ ones_ = nn.initializer.Constant(1.0)
 xavier_uniform_ = nn.initializer.XavierUniform()
 
 
-def trunc_normal_(tensor, std):
-    """timm's trunc_normal_(std=std, a=-2, b=2): truncated at +-2 (absolute, not +-2 std)."""
-    nn.initializer.TruncatedNormal(mean=0.0, std=std, a=-2.0, b=2.0)(tensor)
+def trunc_normal_(tensor, std, bound=2.0):
+    """timm's trunc_normal_(std=std, a=-2, b=2): normal, truncated at +-2 ABSOLUTE (not +-2 std).
+
+    Paddle 2.6's TruncatedNormal always cuts at 2 std, so: draw normal, redraw what falls out.
+    """
+    values = paddle.normal(0.0, std, tensor.shape).astype(tensor.dtype)
+    while True:
+        outside = paddle.abs(values) > bound
+        if not bool(outside.any()):
+            break
+        values = paddle.where(outside, paddle.normal(0.0, std, tensor.shape), values)
+    tensor.set_value(values)
 
 
 def normal_(tensor, std):

@@ -509,13 +509,11 @@ def convert_state_dict(sd):
 
 def _describe_kind(kind, arch):
     if kind != 'finetuned':
-        return f'{kind}: {KIND_DESCRIPTIONS[kind]}'
-    if arch.get('linear_probe'):
-        head = 'linear probe: head.0 BatchNorm + head.1 Linear'
-    else:
-        head = 'head Linear'
+        return f'{kind} ({KIND_DESCRIPTIONS[kind]})'
+    head = ('linear probe: head.0 BatchNorm + head.1 Linear' if arch.get('linear_probe')
+            else 'head Linear')
     pool = 'global pool: fc_norm' if arch['global_pool'] else 'cls token: norm'
-    return f'{kind}: {KIND_DESCRIPTIONS[kind]} ({pool}; {head})'
+    return f'{kind} ({KIND_DESCRIPTIONS[kind]}, {pool}, {head})'
 
 
 def convert_file(src, dst, log=print):

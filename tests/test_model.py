@@ -108,8 +108,9 @@ def test_build_model_follows_config():
 
 def test_checkpoint_at_lower_resolution_loads_after_interpolation():
     kw = dict(patch_size=4, embed_dim=96, depth=2, num_heads=3, num_classes=5)
-    small = T.VisionTransformer(img_size=32, **kw).eval()
-    big = T.VisionTransformer(img_size=48, **kw).eval()
+    small = T.VisionTransformer(img_size=32, **kw)
+    big = T.VisionTransformer(img_size=48, **kw)
+    big.eval()  # (Paddle 2.6's eval() returns None: no chaining)
     state = {k: v.numpy() for k, v in small.state_dict().items()}
     state['pos_embed'] = T.interpolate_pos_embed(state['pos_embed'], 12)
     big.set_state_dict(state)

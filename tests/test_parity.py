@@ -280,7 +280,8 @@ def test_vit_logits_match_timm(case, tmp_root):
     dst = os.path.join(tmp_root, f'vit-{case}.pdparams')
     save_official(sd, src)
     assert 'finetuned' in convert(src, dst)
-    model = load_into(transformer.VisionTransformer(**kw), dst).eval()
+    model = load_into(transformer.VisionTransformer(**kw), dst)
+    model.eval()
     imgs = np.random.RandomState(5).randn(3, 3, kw['img_size'], kw['img_size']).astype('float32')
     with torch.no_grad():
         r = ref(torch.from_numpy(imgs)).numpy()
