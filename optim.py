@@ -70,8 +70,12 @@ def param_rules(model, config):
 
 def freeze_for_linear_probe(model):
     """Official linear probe: everything frozen but the head (BatchNorm + Linear)."""
-    for name, p in model.named_parameters():
-        p.stop_gradient = not name.startswith('head.')
+    for p in model.parameters():
+        p.stop_gradient = True
+    for layer in model.head.sublayers(include_self=True):
+        if isinstance(layer, paddle.nn.Linear):  # (BatchNorm statistics are not trained)
+            for p in layer.parameters(include_sublayers=False):
+                p.stop_gradient = False
 
 
 def build_optimizer(model, config, world_size):
