@@ -34,6 +34,24 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+
+def _import_paddle_quietly():
+    """Import Paddle without its import-time notices about what we set on purpose: the thread
+    count chosen above (a print to stderr) and the missing ccache (for C++ extensions)."""
+    import contextlib
+    import io
+    import warnings
+    warnings.filterwarnings('ignore', message='No ccache found')
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        import paddle  # noqa: F401
+    for line in buf.getvalue().splitlines():
+        if not line.startswith(('WARNING: OMP_NUM_THREADS set to', 'PLEASE USE OMP_NUM_THREADS')):
+            print(line, file=sys.stderr)
+
+
+_import_paddle_quietly()
 import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
@@ -334,7 +352,8 @@ def parse_args(stage, argv=None):
         p.add_argument('-eval', action='store_true', help='only evaluate -pretrained')
     p.add_argument('-amp', nargs='?', const='float16', choices=['float16', 'bfloat16'],
                    help='mixed precision on GPU (default float16)')
-    p.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs')
+    p.add_argument('-opts', nargs='+', action='extend', default=[],
+                   help='KEY VALUE pairs; may be given more than once, later ones win')
     return p.parse_args(argv)
 
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Shared by the run_*.sh scripts (not run directly): launches STAGE with CFG on the GPUs given by
+# the environment, choosing TRAIN.ACCUM_ITER so that the effective batch is TARGET_BATCH.
+#
+# Environment (all optional but DATA_PATH):
+#   DATA_PATH   folder with train_list.txt / val_list.txt (or class sub-folders)
+#   OUTPUT      output folder                         (default: output/<script name>)
+#   GPUS        e.g. 0,1,2,3,4,5,6,7                  (default: all GPUs; empty on a CPU machine)
+#   NPROC       processes on a CPU-only machine       (default 1)
+#   NNODES      machines taking part                  (default 1)
+#   MASTER      ip:port of the first machine          (needed when NNODES > 1)
+#   NODE_RANK   this machine's rank, 0 on the master  (optional; Paddle can assign it)
+#   BATCH_SIZE  per-process batch                     (default: the config's DATA.BATCH_SIZE)
+#   PRETRAINED  .pdparams to start from (fine-tune, linear probe, eval)
+# Extra arguments go to the entry point, e.g. -resume auto or -opts KEY VALUE (these win).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+: "${STAGE:?}" "${CFG:?}"
+DATA_PATH=${DATA_PATH:?set DATA_PATH to the data folder (train_list.txt, val_list.txt)}
+OUTPUT=${OUTPUT:-output/$(basename "$CFG" .yaml)}
+NNODES=${NNODES:-1}
+PYTHON=${PYTHON:-python}
+
+if [[ -z ${GPUS+x} ]]; then
+  GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, || true)
+fi
+if [[ -n $GPUS ]]; then
+  per_node=$(awk -F, '{print NF}' <<<"$GPUS")
+  devices=(--gpus "$GPUS")
+else
+  per_node=${NPROC:-1}
+  devices=(--nproc_per_node "$per_node")
+fi
+world=$((per_node * NNODES))
+batch=${BATCH_SIZE:-$("$PYTHON" - "$CFG" <<'PY' 2>/dev/null
+import sys
+sys.path.insert(0, '.')
+import config
+print(config.get_config(sys.argv[1]).DATA.BATCH_SIZE)
+PY
+)}
+accum=0
+if [[ -n ${TARGET_BATCH:-} ]]; then
+  accum=$(( (TARGET_BATCH + batch * world - 1) / (batch * world) ))
+  (( accum < 1 )) && accum=1
+  eff=$((batch * world * accum))
+  echo "launch: $world process(es) x batch $batch x accum $accum = effective batch $eff" \
+       "(recipe: $TARGET_BATCH)"
+  (( eff != TARGET_BATCH )) && echo "launch: note: $eff is not the recipe's $TARGET_BATCH;" \
+       "the lr follows the effective batch (lr = blr x batch / 256)"
+fi
+multi=()
+if (( NNODES > 1 )); then
+  multi=(--nnodes "$NNODES" --master "${MASTER:?set MASTER=ip:port of the first machine}")
+  [[ -n ${NODE_RANK:-} ]] && multi+=(--rank "$NODE_RANK")
+fi
+args=(-cfg "$CFG" -data_path "$DATA_PATH" -output "$OUTPUT" -batch_size "$batch")
+[[ -n ${PRETRAINED:-} ]] && args+=(-pretrained "$PRETRAINED")
+opts=()
+(( accum > 0 )) && opts=(-opts TRAIN.ACCUM_ITER "$accum")
+set -x
+exec "$PYTHON" -m paddle.distributed.launch "${devices[@]}" "${multi[@]}" \
+  --log_dir "$OUTPUT/launch_logs" "main_multi_gpu_${STAGE}.py" "${args[@]}" "${opts[@]}" "$@"

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Top-1/top-5 of fine-tuned ViT-L/16 weights (e.g. converted mae_finetuned_vit_*.pth) on the val list.
+# Usage: DATA_PATH=/data/imagenet PRETRAINED=mae_finetuned_vit_large.pdparams [GPUS=0,1,2,3] bash run_scripts/run_eval_vit_l.sh
+: "${PRETRAINED:?set PRETRAINED to the .pdparams to evaluate}"
+STAGE=finetune CFG=configs/vit_large_patch16_224_finetune.yaml exec bash "$(dirname "$0")/launch.sh" -eval "$@"
