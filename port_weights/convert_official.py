@@ -1,14 +1,15 @@
 """Convert an official PyTorch MAE checkpoint (.pth) into a Paddle state dict (.pdparams).
 
-    python port_weights/convert_official.py --src mae_pretrain_vit_base.pth --dst mae_pretrain_vit_base.pdparams
+    python port_weights/convert_official.py --src mae_pretrain_vit_base.pth \
+        --dst mae_pretrain_vit_base.pdparams
 
 PyTorch is not needed: the .pth file (a zip written by torch.save, torch >= 1.6) is read with
 zipfile and a restricted unpickler that only rebuilds tensors, OrderedDicts and argparse.Namespace.
 
 Kinds, detected from the keys:
-    pretrain-encoder  cls_token, pos_embed, patch_embed.*, blocks.*, norm.*   mae_pretrain_vit_*.pth
-    pretrain-full     the above + mask_token, decoder_*                       mae_visualize_vit_*.pth
-    finetuned         head.* + fc_norm.* (global pool) or norm.* (cls token)  mae_finetuned_vit_*.pth
+    pretrain-encoder  cls_token, pos_embed, patch_embed.*, blocks.*, norm.*  (mae_pretrain_vit_*)
+    pretrain-full     the above + mask_token, decoder_*                      (mae_visualize_vit_*)
+    finetuned         head.* + fc_norm.* (global pool) or norm.* (cls token) (mae_finetuned_vit_*)
                       (linear probe: head.0 = BatchNorm buffers, head.1 = Linear)
 
 The Paddle models in transformer.py use the official parameter names (DESIGN.md section 3.1), so
@@ -311,7 +312,8 @@ def _read_state_dict(path):
         obj = reader.load()
         if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
             sd, ignored = obj['model'], sorted(str(k) for k in obj if k != 'model')
-        elif isinstance(obj, dict) and obj and all(isinstance(v, _LazyTensor) for v in obj.values()):
+        elif (isinstance(obj, dict) and obj
+              and all(isinstance(v, _LazyTensor) for v in obj.values())):
             sd, ignored = obj, []
         else:
             keys = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
@@ -434,11 +436,16 @@ def target_shapes(model_name, arch):
 
     kwargs = {k: v for k, v in arch.items() if k != 'linear_probe'}
     guard = paddle.LazyGuard() if hasattr(paddle, 'LazyGuard') else _NullContext()
-    with guard:
-        model = getattr(transformer, model_name)(**kwargs)
-        if arch.get('linear_probe'):
-            transformer.add_linear_probe_head(model)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    device = paddle.get_device()
+    paddle.set_device('cpu')  # only shapes are needed: never take GPU memory for them
+    try:
+        with guard:
+            model = getattr(transformer, model_name)(**kwargs)
+            if arch.get('linear_probe'):
+                transformer.add_linear_probe_head(model)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    finally:
+        paddle.set_device(device)
 
 
 class _NullContext:
@@ -472,6 +479,7 @@ def convert_state_dict(sd):
     """
     kind = detect_kind(sd)
     model_name, arch = infer_architecture(sd, kind)
+    expected = target_shapes(model_name, arch)  # before converting: keeps peak memory lower
     out, source_of, dropped, transposed = {}, {}, [], 0
     for key, value in sd.items():
         new = convert_key(key)
@@ -483,17 +491,16 @@ def convert_state_dict(sd):
             value = value.T
             transposed += 1
         if np.issubdtype(value.dtype, np.floating):
-            value = value.astype(np.float32)
+            value = value.astype(np.float32, copy=False)
         out[new] = np.ascontiguousarray(value)
         source_of[new] = key
 
-    expected = target_shapes(model_name, arch)
     unused = set(out) - set(expected)
     unset = set(expected) - set(out)
     if unused or unset:
         msg = []
         if unused:
-            msg.append(f'unexpected keys for a {kind} {model_name} '
+            msg.append(f'unexpected keys for a {kind} {model_name}: '
                        f'{_listing(source_of[k] for k in unused)}')
         if unset:
             msg.append(f'missing keys {_listing(unset)}')

@@ -1,0 +1,335 @@
+"""port_weights/convert_official.py: official-format .pth -> .pdparams, without PyTorch.
+
+torch is used here only to WRITE input files in the official format (torch.save), built from
+tiny Paddle models; the converter itself never imports it.
+"""
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+torch = pytest.importorskip('torch')
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    import paddle
+
+import transformer as T  # noqa: E402
+from port_weights import convert_official as C  # noqa: E402
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+TINY_DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def tiny_mae():
+    return T.MaskedAutoencoderViT(**TINY, **TINY_DECODER)
+
+
+def tiny_vit(global_pool=True, num_classes=10, linear_probe=False):
+    m = T.VisionTransformer(**TINY, num_classes=num_classes, global_pool=global_pool)
+    if linear_probe:
+        T.add_linear_probe_head(m)
+    return m
+
+
+def paddle_numpy_sd(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def to_torch_sd(sd):
+    """Paddle-layout numpy state_dict -> official torch layout: Linear weights [out, in],
+    BatchNorm buffers running_mean / running_var / num_batches_tracked."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('._mean'):
+            out[k[:-len('._mean')] + '.running_mean'] = torch.from_numpy(v)
+            out[k[:-len('._mean')] + '.num_batches_tracked'] = torch.tensor(7)
+        elif k.endswith('._variance'):
+            out[k[:-len('._variance')] + '.running_var'] = torch.from_numpy(v)
+        elif k.endswith('.weight') and v.ndim == 2:
+            out[k] = torch.from_numpy(np.ascontiguousarray(v.T))
+        else:
+            out[k] = torch.from_numpy(v)
+    return out
+
+
+def run_cli(src, dst, env=None):
+    return subprocess.run(
+        [sys.executable, 'port_weights/convert_official.py', '--src', str(src), '--dst', str(dst)],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+
+
+def encoder_only(sd):
+    return {k: v for k, v in sd.items() if not (k.startswith('decoder_') or k == 'mask_token')}
+
+
+def make_case(name):
+    """-> (object to torch.save, expected Paddle numpy state_dict, fresh target model, kind)."""
+    paddle.seed(0)
+    if name == 'pretrain-encoder':
+        expected = encoder_only(paddle_numpy_sd(tiny_mae()))
+        return ({'model': to_torch_sd(expected)}, expected,
+                tiny_vit(global_pool=False, num_classes=0), 'pretrain-encoder')
+    if name == 'pretrain-full':  # an official training checkpoint: more than the weights
+        expected = paddle_numpy_sd(tiny_mae())
+        obj = {'model': to_torch_sd(expected), 'epoch': 799, 'scaler': {'scale': 65536.0},
+               'optimizer': {'state': {0: {'exp_avg': torch.ones(3)}}, 'param_groups': []},
+               'args': argparse.Namespace(model='mae_vit_tiny', blr=1.5e-4)}
+        return obj, expected, tiny_mae(), 'pretrain-full'
+    if name == 'finetuned-global-pool':  # bare state_dict, no {'model': ...}
+        expected = paddle_numpy_sd(tiny_vit(global_pool=True))
+        return to_torch_sd(expected), expected, tiny_vit(global_pool=True), 'finetuned'
+    if name == 'finetuned-cls-token':
+        expected = paddle_numpy_sd(tiny_vit(global_pool=False))
+        return {'model': to_torch_sd(expected)}, expected, tiny_vit(global_pool=False), 'finetuned'
+    if name == 'linear-probe':
+        expected = paddle_numpy_sd(tiny_vit(global_pool=False, linear_probe=True))
+        rng = np.random.default_rng(0)  # BN buffers that differ from their init values
+        expected['head.0._mean'] = rng.normal(size=64).astype('float32')
+        expected['head.0._variance'] = rng.uniform(0.5, 2, size=64).astype('float32')
+        return ({'model': to_torch_sd(expected)}, expected,
+                tiny_vit(global_pool=False, linear_probe=True), 'finetuned')
+    raise ValueError(name)
+
+
+def assert_converted(dst, expected, model):
+    loaded = paddle.load(str(dst))
+    assert sorted(loaded) == sorted(expected)
+    for k, v in loaded.items():
+        v = v.numpy() if hasattr(v, 'numpy') else np.asarray(v)
+        assert v.dtype == np.float32, k
+        assert np.array_equal(v, expected[k]), k
+    result = model.set_state_dict(loaded)
+    if result is not None:  # (missing keys, unexpected keys)
+        assert list(result[0]) == [] and list(result[1]) == []
+    for k, v in model.state_dict().items():
+        assert np.array_equal(v.numpy(), expected[k]), k
+
+
+def assert_user_error(proc, src, dst, phrase):
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert str(src) in proc.stderr
+    assert phrase in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert not os.path.exists(dst) and not os.path.exists(str(dst) + '.tmp')
+
+
+# ----------------------------------------------------------------------------------------------
+# round trips through the command line
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ['pretrain-encoder', 'pretrain-full', 'finetuned-global-pool',
+                                  'finetuned-cls-token', 'linear-probe'])
+def test_round_trip_cli(tmp_path, name):
+    obj, expected, model, kind = make_case(name)
+    src, dst = tmp_path / f'{name}.pth', tmp_path / f'{name}.pdparams'
+    torch.save(obj, src)
+    proc = run_cli(src, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert f'kind: {kind} ' in proc.stdout
+    assert f'saved: {dst}' in proc.stdout
+    assert not os.path.exists(str(dst) + '.tmp')
+    assert_converted(dst, expected, model)
+    if name == 'pretrain-full':
+        assert 'ignored checkpoint entries (not model weights): args, epoch, optimizer, scaler' \
+            in proc.stdout
+    if name == 'linear-probe':
+        assert 'linear probe' in proc.stdout and '1 dropped: head.0.num_batches_tracked' \
+            in proc.stdout
+
+
+def test_cli_works_without_torch(tmp_path):
+    blocker = tmp_path / 'no_torch'
+    blocker.mkdir()
+    (blocker / 'torch.py').write_text('raise ImportError("torch is blocked in this test")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(blocker)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    check = subprocess.run([sys.executable, '-c', 'import torch'], env=env, capture_output=True)
+    assert check.returncode != 0  # the blocker works
+
+    obj, expected, model, kind = make_case('linear-probe')
+    src, dst = tmp_path / 'lp.pth', tmp_path / 'lp.pdparams'
+    torch.save(obj, src)
+    proc = run_cli(src, dst, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f'kind: {kind} ' in proc.stdout
+    assert_converted(dst, expected, model)
+
+
+def test_official_name_with_other_md5_warns(tmp_path):
+    obj, expected, model, _ = make_case('pretrain-encoder')
+    src, dst = tmp_path / 'mae_pretrain_vit_base.pth', tmp_path / 'out.pdparams'
+    torch.save(obj, src)
+    proc = run_cli(src, dst)
+    assert proc.returncode == 0
+    assert 'WARNING: mae_pretrain_vit_base.pth' in proc.stderr and '8cad7c' in proc.stderr
+    assert_converted(dst, expected, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs a user can get wrong: exit 1, one message naming the file, nothing written
+# ----------------------------------------------------------------------------------------------
+def _valid_finetuned(path, edit=None):
+    paddle.seed(0)
+    sd = to_torch_sd(paddle_numpy_sd(tiny_vit(global_pool=True)))
+    if edit:
+        edit(sd)
+    torch.save({'model': sd}, path)
+
+
+def _write_bad(kind, src, tmp_path):
+    if kind == 'missing':
+        return 'no such file'
+    if kind == 'empty':
+        src.write_bytes(b'')
+        return 'empty'
+    if kind == 'truncated':
+        _valid_finetuned(src)
+        data = src.read_bytes()
+        src.write_bytes(data[:len(data) // 2])
+        return 'truncated download'
+    if kind == 'random-bytes':
+        src.write_bytes(b'\x13' + np.random.default_rng(0).bytes(4095))
+        return 'not a PyTorch checkpoint'
+    if kind == 'zip-not-checkpoint':
+        with zipfile.ZipFile(src, 'w') as z:
+            z.writestr('notes/readme.txt', 'hello')
+        return 'not a PyTorch checkpoint'
+    if kind == 'legacy-format':
+        torch.save({'model': {'x': torch.ones(2)}}, src, _use_new_zipfile_serialization=False)
+        return 'legacy'
+    if kind == 'not-a-state-dict':
+        torch.save({'weights': 'somewhere else'}, src)
+        return "holds neither {'model': state_dict} nor a state_dict"
+    if kind == 'unknown-key':
+        _valid_finetuned(src, lambda sd: sd.__setitem__('extra.weight', torch.ones(3, 3)))
+        return 'extra.weight'
+    if kind == 'missing-key':
+        _valid_finetuned(src, lambda sd: sd.pop('blocks.1.mlp.fc2.bias'))
+        return 'missing keys blocks.1.mlp.fc2.bias'
+    if kind == 'wrong-shape':
+        _valid_finetuned(src, lambda sd: sd.__setitem__('blocks.0.norm1.bias', torch.ones(65)))
+        return 'blocks.0.norm1.bias [65]'
+    if kind == 'disallowed-global':
+        # data.pkl = os.system('touch <marker>'), written opcode by opcode (never executed)
+        cmd = f'touch {tmp_path / "pwned"}'.encode()
+        pkl = (b'\x80\x02cos\nsystem\n' + b'X' + len(cmd).to_bytes(4, 'little') + cmd +
+               b'\x85R.')
+        with zipfile.ZipFile(src, 'w') as z:
+            z.writestr('archive/data.pkl', pkl)
+            z.writestr('archive/version', '3\n')
+        return 'refusing to load os.system'
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize('kind', ['missing', 'empty', 'truncated', 'random-bytes',
+                                  'zip-not-checkpoint', 'legacy-format', 'not-a-state-dict',
+                                  'unknown-key', 'missing-key', 'wrong-shape',
+                                  'disallowed-global'])
+def test_bad_input(tmp_path, kind):
+    src, dst = tmp_path / 'in.pth', tmp_path / 'out.pdparams'
+    phrase = _write_bad(kind, src, tmp_path)
+    proc = run_cli(src, dst)
+    assert_user_error(proc, src, dst, phrase)
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_missing_dst_folder(tmp_path):
+    src, dst = tmp_path / 'in.pth', tmp_path / 'no_such_dir' / 'out.pdparams'
+    _valid_finetuned(src)
+    proc = run_cli(src, dst)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert str(dst) in proc.stderr and 'does not exist' in proc.stderr
+    assert not dst.parent.exists()
+
+
+def test_disallowed_global_in_process(tmp_path):
+    src = tmp_path / 'evil.pth'
+    _write_bad('disallowed-global', src, tmp_path)
+    with pytest.raises(C.ConversionError, match=r'os\.system'):
+        C.load_torch_checkpoint(str(src))
+    assert not (tmp_path / 'pwned').exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# md5 table
+# ----------------------------------------------------------------------------------------------
+def test_identify_official():
+    table = {'model_a.pth': 'abc123', 'model_b.pth': '00ff00'}
+    status, msg = C.identify_official('/x/model_a.pth', 'abc123' + 'e' * 26, table)
+    assert status == 'official' and 'model_a.pth' in msg
+    status, msg = C.identify_official('/x/renamed.pth', '00ff00' + 'e' * 26, table)
+    assert status == 'official' and 'model_b.pth' in msg and 'renamed.pth' in msg
+    status, msg = C.identify_official('/x/model_a.pth', '00ff01' + 'e' * 26, table)
+    assert status == 'mismatch' and 'WARNING' in msg and 'abc123' in msg
+    status, msg = C.identify_official('/x/mine.pth', '00ff01' + 'e' * 26, table)
+    assert status == 'unofficial' and 'not an official' in msg
+    assert C.OFFICIAL_MD5['mae_finetuned_vit_huge.pth'] == '2541f2'
+
+
+def test_file_md5_chunked(tmp_path):
+    data = np.random.default_rng(1).bytes(10_000)
+    (tmp_path / 'f').write_bytes(data)
+    assert C.file_md5(str(tmp_path / 'f'), chunk_size=333) == hashlib.md5(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# the reader itself
+# ----------------------------------------------------------------------------------------------
+def test_reader_views_offsets_dtypes(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    obj = {'transposed': base.t(), 'slice': base[1:3, 2:5], 'shared': base,
+           'scalar': torch.tensor(3.5), 'empty': torch.zeros(0, 3),
+           'long': torch.arange(5), 'bool': torch.tensor([True, False]),
+           'double': torch.randn(3, dtype=torch.float64), 'nested': [torch.ones(2), 7]}
+    torch.save(obj, tmp_path / 'v.pth')
+    got = C.load_torch_checkpoint(str(tmp_path / 'v.pth'))
+    for k in ('transposed', 'slice', 'shared', 'scalar', 'empty', 'long', 'bool', 'double'):
+        ref = obj[k].numpy()
+        assert got[k].dtype == ref.dtype and got[k].shape == ref.shape, k
+        assert np.array_equal(got[k], ref), k
+    assert np.array_equal(got['nested'][0], np.ones(2, 'float32')) and got['nested'][1] == 7
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_half_precision_sources_become_float32(tmp_path, dtype):
+    paddle.seed(0)
+    sd = {k: v.to(getattr(torch, dtype)) for k, v in to_torch_sd(
+        paddle_numpy_sd(tiny_mae())).items()}
+    src, dst = tmp_path / 'half.pth', tmp_path / 'half.pdparams'
+    torch.save({'model': sd}, src)
+    kind, info = C.convert_file(str(src), str(dst), log=lambda *a: None)
+    assert kind == 'pretrain-full' and info['num_tensors'] == len(sd)
+    loaded = paddle.load(str(dst))
+    for k, t in sd.items():
+        ref = t.float().numpy()
+        ref = ref.T if (k.endswith('.weight') and ref.ndim == 2) else ref
+        v = loaded[k].numpy()
+        assert v.dtype == np.float32 and np.array_equal(v, ref), k
+    assert np.abs(loaded['blocks.0.attn.qkv.weight'].numpy()).max() > 0  # not all zeros
+
+
+def test_convert_state_dict_arch_info():
+    paddle.seed(0)
+    sd = {k: v.numpy() for k, v in to_torch_sd(paddle_numpy_sd(tiny_mae())).items()}
+    kind, out, info = C.convert_state_dict(sd)
+    assert kind == 'pretrain-full' and info['model'] == 'MaskedAutoencoderViT'
+    arch = info['arch']
+    assert (arch['img_size'], arch['patch_size'], arch['embed_dim'], arch['depth'],
+            arch['decoder_embed_dim'], arch['decoder_depth'], arch['mlp_ratio']) == \
+        (32, 8, 64, 2, 32, 1, 4.0)
+    assert out['blocks.0.mlp.fc1.weight'].shape == (64, 256)  # [in, out]
+    assert C._guess_heads(768, C.OFFICIAL_NUM_HEADS) == 12
+    assert C._guess_heads(1280, C.OFFICIAL_NUM_HEADS) == 16
+    assert 96 % C._guess_heads(96, C.OFFICIAL_NUM_HEADS) == 0
