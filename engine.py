@@ -19,13 +19,15 @@ class NonFiniteLoss(utils.UserError):
 def masking_noise(config, epoch, iteration, global_batch, num_patches, rank, local_batch):
     """Uniform masking noise for this process's share of the global batch.
 
-    Drawn for the whole global batch from (SEED, epoch, iteration) and sliced by rank, the same
-    way the distributed sampler slices the batch: the masks a sample gets do not depend on the
-    number of processes, and a resumed run draws the same ones.
+    Drawn for the whole global batch from (SEED, epoch, iteration) and sliced by rank the way
+    datasets.TrainBatchSampler deals a global batch out (process r gets positions r, r + R, ...):
+    the mask a sample gets does not depend on the number of processes, and a resumed run draws
+    the same ones.
     """
     rng = np.random.default_rng([config.SEED, epoch, iteration, 7])
     noise = rng.random((global_batch, num_patches), dtype=np.float32)
-    return paddle.to_tensor(noise[rank * local_batch:(rank + 1) * local_batch])
+    world = global_batch // local_batch
+    return paddle.to_tensor(noise[rank::world][:local_batch])
 
 
 def _amp_context(config):

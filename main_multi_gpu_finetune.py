@@ -20,7 +20,8 @@ def main():
     config, args, logger = utils.setup('finetune')
     model = transformer.build_model(config)
     if config.MODEL.PRETRAINED:
-        utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info)
+        utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info,
+                              require_head=args.eval)
     val_loader = datasets.build_loader(config, datasets.build_dataset(config, is_train=False),
                                        is_train=False)
     if args.eval:

@@ -18,7 +18,8 @@ def main():
     config, args, logger = utils.setup('linearprobe')
     model = transformer.build_model(config)
     if config.MODEL.PRETRAINED:
-        utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info)
+        utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info,
+                              require_head=args.eval)
     optim.freeze_for_linear_probe(model)
     val_loader = datasets.build_loader(config, datasets.build_dataset(config, is_train=False),
                                        is_train=False)

@@ -32,6 +32,7 @@ import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -41,7 +42,6 @@ def _import_paddle_quietly():
     count chosen above (a print to stderr) and the missing ccache (for C++ extensions)."""
     import contextlib
     import io
-    import warnings
     warnings.filterwarnings('ignore', message='No ccache found')
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
@@ -274,7 +274,7 @@ def resume(prefix, model, optimizer, scaler=None):
 # ---------------------------------------------------------------------------------------------
 # pre-trained weights
 # ---------------------------------------------------------------------------------------------
-def load_pretrained(model, path, config, log=print):
+def load_pretrained(model, path, config, log=print, require_head=False):
     """Load MODEL.PRETRAINED (a Paddle .pdparams: ours or converted official) into model.
 
     Into a classifier: drops the decoder and anything the model does not have, interpolates
@@ -304,15 +304,23 @@ def load_pretrained(model, path, config, log=print):
         state = dict(state)
         state['pos_embed'] = transformer.interpolate_pos_embed(
             np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe), new_grid)
-    usable, unused = {}, []
+    usable, unused, misfit = {}, [], []
     for k, v in state.items():
         if k in own and tuple(v.shape) == tuple(own[k].shape):
             usable[k] = v
+        elif k in own:
+            misfit.append(f'{k} {list(v.shape)} (model: {list(own[k].shape)})')
         else:
             unused.append(k)
     missing = [k for k in own if k not in usable]
-    model.set_state_dict(usable)
     head_keys = [k for k in missing if k.startswith('head.') and not k.startswith('head.0.')]
+    if require_head and head_keys:
+        raise UserError(f'{path} has no classifier head that fits the model '
+                        f'(MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}): '
+                        f'{misfit or "no head.* weights"}')
+    with warnings.catch_warnings():  # Paddle warns per key it skips; the report below says it
+        warnings.simplefilter('ignore')
+        model.set_state_dict(usable)
     if head_keys and hasattr(model, 'init_head'):
         std = 0.01 if config.TRAIN.MODE == 'linearprobe' else 2e-5
         model.init_head(std)
@@ -320,9 +328,11 @@ def load_pretrained(model, path, config, log=print):
     log(f'pretrained: loaded {len(usable)} tensors from {path}')
     if missing:
         log(f'pretrained: missing (kept as initialised): {missing}')
+    if misfit:
+        log(f'pretrained: not loaded, shape differs: {misfit}')
     if unused:
         log(f'pretrained: unused: {_summarise(unused)}')
-    return missing, unused
+    return missing, unused + [m.split()[0] for m in misfit]
 
 
 def _summarise(keys):
@@ -377,6 +387,7 @@ def setup(stage, argv=None):
               flush=True)
     config.freeze()
     init_distributed()
+    seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
     eval_only = getattr(args, 'eval', False)
     logger = Logger(None if eval_only else config.OUTPUT)
     if is_main_process() and not eval_only:

@@ -1,0 +1,261 @@
+"""The three entry points end to end on CPU with the tiny configs: outputs, multi-process
+equivalence, exact resume after kill -9, -eval of converted official weights, user errors."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import make_demo_dataset  # noqa: E402
+
+TINY_ARCH = ['MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.DEPTH', '2',
+             'MODEL.ENCODER.NUM_HEADS', '3', 'MODEL.DECODER.EMBED_DIM', '32',
+             'MODEL.DECODER.DEPTH', '1', 'MODEL.DECODER.NUM_HEADS', '4']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """80 train / 30 val demo images (10 classes)."""
+    out = str(tmp_path_factory.mktemp('demo'))
+    make_demo_dataset.make(out, train_per_class=8, val_per_class=3, size=40, log=lambda m: None)
+    return out
+
+
+def run(script, cfg, *args, opts=(), nproc=1, check=True, env=None, timeout=600):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ['-m', 'paddle.distributed.launch', '--nproc_per_node', str(nproc),
+                '--log_dir', os.path.join(str(args[args.index('-output') + 1]) if '-output' in
+                                          args else '/tmp', 'launch_logs')]
+    cmd += [os.path.join(ROOT, script), '-cfg', os.path.join(ROOT, 'configs', cfg)] + \
+        list(args) + ['-opts'] + list(opts) + ['REPORT_FREQ', '100']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
+    if check:
+        assert r.returncode == 0, f'{cmd}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}'
+    return r
+
+
+def log_lines(out):
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def params(path):
+    return {k: np.asarray(v) for k, v in paddle.load(path).items()}
+
+
+def max_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max(float(np.abs(a[k].astype('float64') - b[k]).max()) for k in a)
+
+
+PRETRAIN_OPTS = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '1',
+                             'DATA.NUM_WORKERS', '0', 'SAVE_FREQ', '1']
+
+
+@pytest.fixture(scope='module')
+def pretrained(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('pretrain'))
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+            '-output', out, '-batch_size', '16', opts=PRETRAIN_OPTS)
+    return out, r
+
+
+def test_pretrain_outputs(pretrained):
+    out, r = pretrained
+    lines = log_lines(out)
+    assert [x['epoch'] for x in lines] == [0, 1]
+    assert all(np.isfinite(x['train_loss']) and x['lr'] > 0 for x in lines)
+    for f in ('config.yaml', 'latest.pdparams', 'latest.pdopt', 'epoch_1.pdparams',
+              'epoch_2.pdparams'):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    assert 'effective batch 16' in r.stdout and '5 iterations/epoch' in r.stdout
+    with open(os.path.join(out, 'config.yaml')) as f:
+        assert 'EMBED_DIM: 48' in f.read()
+
+
+def test_finetune_linearprobe_and_eval(data, pretrained, tmp_path):
+    ckpt = os.path.join(pretrained[0], 'latest.pdparams')
+    common = TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0',
+                              'DATA.NUM_WORKERS', '0']
+    for script, cfg in (('main_multi_gpu_finetune.py', 'tiny_finetune.yaml'),
+                        ('main_multi_gpu_linearprobe.py', 'tiny_linearprobe.yaml')):
+        out = str(tmp_path / cfg)
+        r = run(script, cfg, '-data_path', data, '-output', out, '-batch_size', '16',
+                '-pretrained', ckpt, opts=common)
+        assert 'head initialised fresh' in r.stdout
+        assert 'unused: [' in r.stdout and 'decoder_blocks.*' in r.stdout
+        (line,) = log_lines(out)
+        assert line['epoch'] == 0 and {'val_acc1', 'val_acc5', 'val_loss'} <= set(line)
+        r = run(script, cfg, '-data_path', data, '-pretrained',
+                os.path.join(out, 'latest.pdparams'), '-eval', opts=common)
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert result['n'] == 30
+        assert result['val_acc1'] == pytest.approx(line['val_acc1'])
+        assert result['val_loss'] == pytest.approx(line['val_loss'], rel=1e-5)
+
+
+def test_linear_probe_keeps_encoder_frozen(data, pretrained, tmp_path):
+    ckpt = os.path.join(pretrained[0], 'latest.pdparams')
+    out = str(tmp_path / 'probe')
+    run('main_multi_gpu_linearprobe.py', 'tiny_linearprobe.yaml', '-data_path', data,
+        '-output', out, '-batch_size', '16', '-pretrained', ckpt,
+        opts=TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'DATA.NUM_WORKERS', '0'])
+    before, after = params(ckpt), params(os.path.join(out, 'latest.pdparams'))
+    encoder = [k for k in after if not k.startswith('head.')]
+    assert encoder and all(np.array_equal(after[k], before[k]) for k in encoder)
+    assert not np.allclose(after['head.0._mean'], 0)  # BatchNorm statistics were tracked
+
+
+def test_two_processes_equal_one(data, tmp_path):
+    opts = PRETRAIN_OPTS + ['MODEL.NORM_PIX_LOSS', 'True']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data, '-output', one,
+        '-batch_size', '16', opts=opts)
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data, '-output', two,
+        '-batch_size', '8', opts=opts, nproc=2)
+    d = max_diff(params(os.path.join(one, 'latest.pdparams')),
+                 params(os.path.join(two, 'latest.pdparams')))
+    print(f'1 vs 2 processes: max abs param diff {d:.2e}')
+    assert d < 1e-5
+    l1, l2 = log_lines(one), log_lines(two)
+    assert [x['epoch'] for x in l1] == [x['epoch'] for x in l2] == [0, 1]
+    for a, b in zip(l1, l2):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
+        assert a['lr'] == pytest.approx(b['lr'])
+
+
+def test_kill_and_resume_auto_is_exact(data, tmp_path):
+    opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
+                        'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1']
+    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+    args = ('-data_path', data, '-batch_size', '16')
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref, opts=opts)
+    # the same run, killed -9 once it has saved mid-way through epoch 1
+    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
+           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
+           '-opts', *opts, 'REPORT_FREQ', '100']
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(killed, 'epoch_1.pdparams')) and \
+                    os.path.exists(os.path.join(killed, 'previous.pdopt')):
+                time.sleep(0.3)
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, 'the run ended before it could be killed'
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(log_lines(killed)) < 3
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
+            '-resume', 'auto', opts=opts)
+    assert 'resumed from' in r.stdout
+    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
+                 params(os.path.join(killed, 'latest.pdparams')))
+    print(f'resumed vs uninterrupted: max abs param diff {d:.2e}')
+    assert d < 1e-5
+    assert [x['epoch'] for x in log_lines(killed)] == [x['epoch'] for x in log_lines(ref)] == \
+        [0, 1, 2]
+
+
+@functools.lru_cache(maxsize=None)
+def _official_finetuned(tmp):
+    """A timm ViT (random weights) saved as an official fine-tuned checkpoint and converted."""
+    import torch
+    import timm.models.vision_transformer as timm_vit
+    torch.manual_seed(0)
+    ref = timm_vit.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+        global_pool='avg', norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.5 * torch.randn(p.shape))
+    src, dst = os.path.join(tmp, 'official.pth'), os.path.join(tmp, 'official.pdparams')
+    torch.save({'model': ref.state_dict()}, src)
+    subprocess.run([sys.executable, os.path.join(ROOT, 'port_weights', 'convert_official.py'),
+                    '--src', src, '--dst', dst], check=True, capture_output=True, cwd=ROOT)
+    return ref, dst
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_eval_converted_official_weights_matches_reference(tmp_path_factory, nproc):
+    import torch
+    import config as cfgmod
+    import datasets
+    tmp = str(tmp_path_factory.getbasetemp())
+    data = os.path.join(tmp, 'eval23')
+    if not os.path.exists(os.path.join(data, 'val_list.txt')):
+        make_demo_dataset.make(data, train_per_class=1, val_per_class=3, size=40,
+                               log=lambda m: None)
+        with open(os.path.join(data, 'val_list.txt')) as f:
+            lines = f.readlines()[:23]  # an odd count, not a multiple of the batch
+        with open(os.path.join(data, 'val_list.txt'), 'w') as f:
+            f.writelines(lines)
+    ref, weights = _official_finetuned(tmp)
+    out = str(tmp_path_factory.mktemp(f'eval{nproc}'))
+    r = run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path', data,
+            '-pretrained', weights, '-eval', '-output', out,
+            opts=['MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.DEPTH', '2',
+                  'MODEL.ENCODER.NUM_HEADS', '3', 'DATA.BATCH_SIZE_EVAL', '4',
+                  'DATA.NUM_WORKERS', '0'], nproc=nproc)
+    stdout = r.stdout
+    if nproc > 1:  # the JSON line comes from rank 0's log
+        with open(os.path.join(out, 'launch_logs', 'workerlog.0')) as f:
+            stdout = f.read()
+    result = json.loads(stdout.strip().splitlines()[-1])
+    # reference: timm on the same eval-transformed images
+    config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
+    config.DATA.DATA_PATH = data
+    ds = datasets.build_dataset(config, is_train=False)
+    images = np.stack([ds[i][0] for i in range(len(ds))])
+    labels = np.array([int(ds[i][1]) for i in range(len(ds))])
+    with torch.no_grad():
+        logits = ref(torch.from_numpy(images)).numpy()
+    acc1 = 100.0 * (logits.argmax(1) == labels).mean()
+    print(f'{nproc} process(es): acc1 {result["val_acc1"]:.3f} vs reference {acc1:.3f}')
+    assert result['n'] == 23
+    assert result['val_acc1'] == pytest.approx(acc1, abs=1e-9)
+
+
+def test_user_errors_are_one_line(data, tmp_path):
+    cases = [
+        (['-data_path', str(tmp_path / 'nowhere')], 'data folder not found'),
+        (['-data_path', data, '-opts', 'TRAIN.NOPE', '1'], 'unknown config key TRAIN.NOPE'),
+        (['-data_path', data, '-pretrained', str(tmp_path / 'x.pdparams')],
+         'pretrained weights not found'),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu_finetune.py'),
+                            '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'),
+                            '-output', str(tmp_path / 'o')] + args,
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_diverging_run_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    out = str(tmp_path / 'diverge')
+    opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'SAVE_FREQ', '1',
+                        'DATA.NUM_WORKERS', '0']
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data, '-output', out,
+        '-batch_size', '16', opts=opts + ['TRAIN.NUM_EPOCHS', '1'])
+    good = params(os.path.join(out, 'latest.pdparams'))
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+            '-output', out, '-batch_size', '16', '-resume', 'auto',
+            opts=opts + ['TRAIN.BASE_LR', '1e30'], check=False)
+    assert r.returncode == 2 and 'loss is' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert max_diff(good, params(os.path.join(out, 'latest.pdparams'))) == 0
