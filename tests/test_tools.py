@@ -1,0 +1,151 @@
+"""tools/: demo data set, recipe inspector, visualiser, export + predict."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import config as cfgmod
+import transformer
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import make_demo_dataset  # noqa: E402
+
+TINY = ['MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.DEPTH', '2', 'MODEL.ENCODER.NUM_HEADS',
+        '3', 'MODEL.DECODER.EMBED_DIM', '32', 'MODEL.DECODER.DEPTH', '1',
+        'MODEL.DECODER.NUM_HEADS', '4']
+
+
+def tree_digest(folder):
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in os.walk(folder):
+        dirnames.sort()
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, 'rb') as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('demo'))
+    make_demo_dataset.make(out, train_per_class=4, val_per_class=2, size=40, log=lambda m: None)
+    return out
+
+
+def test_demo_dataset_is_deterministic_and_complete(demo, tmp_path):
+    again = str(tmp_path / 'again')
+    make_demo_dataset.make(again, train_per_class=4, val_per_class=2, size=40, log=lambda m: None)
+    assert tree_digest(demo) == tree_digest(again)
+    with open(os.path.join(demo, 'train_list.txt')) as f:
+        lines = [ln.split() for ln in f]
+    assert len(lines) == 40 and sorted({int(lab) for _, lab in lines}) == list(range(10))
+    assert all(os.path.isfile(os.path.join(demo, p)) for p, _ in lines)
+    with Image.open(os.path.join(demo, lines[0][0])) as im:
+        assert im.size == (40, 40) and im.mode == 'RGB'
+    other = str(tmp_path / 'seed1')
+    make_demo_dataset.make(other, train_per_class=4, val_per_class=2, size=40, seed=1,
+                           log=lambda m: None)
+    assert tree_digest(other) != tree_digest(demo)
+
+
+def cli(tool, *args, check=True):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_inspect_recipe_json():
+    r = cli('inspect_recipe.py', '-cfg', os.path.join(ROOT, 'configs',
+                                                      'vit_large_patch16_224_finetune.yaml'),
+            '--nranks', '8')
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d['eff_batch'] == 32 * 4 * 8 and d['lr'] == pytest.approx(1e-3 * 1024 / 256)
+    scales = {p['name']: p['lr_scale'] for p in d['params']}
+    assert scales['blocks.23.mlp.fc2.weight'] == pytest.approx(0.75)
+    assert scales['patch_embed.proj.weight'] == pytest.approx(0.75 ** 25)
+    assert d['lr_schedule'][0] == [0.0, 0.0] and d['lr_schedule'][5][1] == pytest.approx(d['lr'])
+    assert d['lr_schedule'][-1] == [50.0, pytest.approx(1e-6)]
+
+
+@pytest.fixture(scope='module')
+def mae_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('mae')
+    config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
+    cfgmod.merge_opts(config, TINY)
+    model = transformer.build_model(config)
+    full = str(folder / 'full.pdparams')
+    paddle.save(model.state_dict(), full)
+    encoder = str(folder / 'encoder.pdparams')
+    paddle.save({k: v for k, v in model.state_dict().items()
+                 if not k.startswith(('decoder', 'mask_token'))}, encoder)
+    return full, encoder
+
+
+@pytest.mark.parametrize('count', [1, 3])
+def test_visualize_png(demo, mae_checkpoint, tmp_path, count):
+    images = []
+    for cls in ('circle', 'ring', 'dots')[:count]:
+        images += ['--image', os.path.join(demo, 'val', cls, '00000.png')]
+    out = str(tmp_path / 'rec.png')
+    r = cli('visualize.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'),
+            '-pretrained', mae_checkpoint[0], '--out', out, *images, '--scale', '4',
+            '-opts', *TINY)
+    with Image.open(out) as im:
+        # 4 columns of 32*4 px tiles + 4 px gaps; a 16 px header and footer
+        assert im.size == (4 * (128 + 4) + 4, 16 + count * (128 + 4) + 4 + 16)
+        assert im.mode == 'RGB'
+    assert f'{count} image(s)' in r.stdout
+
+
+def test_visualize_refuses_encoder_only(demo, mae_checkpoint, tmp_path):
+    r = cli('visualize.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'),
+            '-pretrained', mae_checkpoint[1], '--out', str(tmp_path / 'x.png'),
+            '--image', os.path.join(demo, 'val', 'circle', '00000.png'), '-opts', *TINY,
+            check=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert 'has no decoder' in r.stderr and 'mae_visualize_vit_' in r.stderr
+    assert not os.path.exists(tmp_path / 'x.png')
+
+
+def test_export_and_predict_match_dynamic_model(demo, tmp_path):
+    import datasets
+    from predict import Predictor
+    config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
+    cfgmod.merge_opts(config, TINY[:6])
+    paddle.seed(3)
+    model = transformer.build_model(config)
+    model.init_head(0.5)  # a head that says something, so the top-k order is meaningful
+    weights = str(tmp_path / 'ft.pdparams')
+    paddle.save(model.state_dict(), weights)
+    out = str(tmp_path / 'exported')
+    cli('export_model.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'),
+        '-pretrained', weights, '-output', out, '-opts', *TINY[:6])
+    paths = [os.path.join(demo, 'val', c, '00001.png') for c in ('square', 'cross', 'checker')]
+    transform = datasets.build_transform(False, config)
+    batch = np.stack([transform(datasets.load_rgb(p)) for p in paths])
+    model.eval()
+    expected = model(paddle.to_tensor(batch)).numpy()
+    predictor = Predictor(out)
+    got = predictor.logits(batch)
+    d = float(np.abs(got - expected).max())
+    print(f'exported vs dynamic logits: max abs diff {d:.2e}')
+    assert got.shape == (3, 10) and d < 1e-4
+    r = cli('predict.py', '--model', out, '--topk', '3',
+            *[x for p in paths for x in ('--image', p)])
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert [x['image'] for x in lines] == paths
+    for line, logits in zip(lines, expected):
+        assert [c for c, _ in line['topk']] == np.argsort(-logits)[:3].tolist()
+        probs = [p for _, p in line['topk']]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6

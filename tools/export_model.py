@@ -1,0 +1,68 @@
+"""Export a fine-tuned classifier to a Paddle Inference model (paddle.jit.save).
+
+    python tools/export_model.py -cfg configs/vit_base_patch16_224_finetune.yaml \
+        -pretrained mae_finetuned_vit_base.pdparams -output exported/vit_base
+
+DIR gets inference.{pdmodel|json} + inference.pdiparams (the program format depends on the
+Paddle version) and config.yaml, from which tools/predict.py rebuilds the eval preprocessing.
+"""
+import argparse
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402  (first: CPU environment before Paddle loads)
+
+import paddle  # noqa: E402
+
+import config as cfgmod  # noqa: E402
+import transformer  # noqa: E402
+
+PREFIX = 'inference'
+
+
+def export(config, weights, output_dir, log=print):
+    """Build the classifier config describes, load weights (its head must fit), save it."""
+    if config.TRAIN.MODE == 'pretrain':
+        raise utils.UserError('export needs a classifier config (a *_finetune.yaml or '
+                              '*_linearprobe.yaml), not a pre-training one')
+    model = transformer.build_model(config)
+    utils.load_pretrained(model, weights, config, log=log, require_head=True)
+    model.eval()
+    size = config.DATA.IMAGE_SIZE
+    os.makedirs(output_dir, exist_ok=True)
+    spec = [paddle.static.InputSpec([None, 3, size, size], 'float32', 'images')]
+    paddle.jit.save(model, os.path.join(output_dir, PREFIX), input_spec=spec)
+    cfgmod.dump_config(config, os.path.join(output_dir, 'config.yaml'))
+    return model
+
+
+def model_files(model_dir):
+    """-> (program file, params file) of an exported model folder."""
+    programs = [f for ext in ('json', 'pdmodel')
+                for f in glob.glob(os.path.join(model_dir, f'{PREFIX}.{ext}'))]
+    params = os.path.join(model_dir, f'{PREFIX}.pdiparams')
+    if not programs or not os.path.isfile(params):
+        raise utils.UserError(f'{model_dir} holds no exported model ({PREFIX}.pdmodel or .json '
+                              f'+ {PREFIX}.pdiparams): run tools/export_model.py first')
+    return programs[0], params
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('-cfg', required=True)
+    p.add_argument('-pretrained', required=True, help='fine-tuned .pdparams')
+    p.add_argument('-output', required=True, help='folder for the exported model')
+    p.add_argument('-opts', nargs='+', action='extend', default=[])
+    args = p.parse_args()
+    config = cfgmod.get_config(args.cfg)
+    cfgmod.merge_opts(config, args.opts)
+    paddle.set_device('cpu')
+    export(config, args.pretrained, args.output)
+    program, params = model_files(args.output)
+    print(f'exported: {program} + {params}')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
