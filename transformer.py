@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 LAYER_NORM_EPS = 1e-6
 
@@ -96,6 +97,40 @@ def interpolate_pos_embed(pos_embed, new_grid_size, num_extra_tokens=1):
 # ----------------------------------------------------------------------------------------------
 # Blocks shared by the encoder and the decoder
 # ----------------------------------------------------------------------------------------------
+class _LinearGemm(PyLayer):
+    """y = x @ W + b on a 2-D x, with every gradient computed as one GEMM.
+
+    Written by hand because Paddle's CPU kernel for the bias gradient (a column sum of the
+    output gradient) is ~30x slower than the same sum as ones @ g (DESIGN.md section 6).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return paddle.addmm(bias.unsqueeze(0), x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensor()
+        grad_x = None if x.stop_gradient else paddle.matmul(grad, weight, transpose_y=True)
+        grad_w = None if weight.stop_gradient else paddle.matmul(x, grad, transpose_x=True)
+        grad_b = paddle.matmul(paddle.ones([1, grad.shape[0]], grad.dtype), grad).reshape([-1])
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) that trains faster on CPU: inputs flattened to 2-D
+    and the backward pass as GEMMs (_LinearGemm). Elsewhere (GPU, eval, export) F.linear."""
+
+    def forward(self, x):
+        if (self.training and self.bias is not None and paddle.in_dynamic_mode()
+                and x.place.is_cpu_place() and not self.bias.stop_gradient):
+            lead = x.shape[:-1]
+            y = _LinearGemm.apply(x.reshape([-1, x.shape[-1]]), self.weight, self.bias)
+            return y.reshape(list(lead) + [y.shape[-1]])
+        return F.linear(x, self.weight, self.bias)
+
+
 class PatchEmbed(nn.Layer):
     """imgs (N, C, H, W) -> patch tokens (N, L, D), L = (H / p) * (W / p)."""
 
@@ -126,14 +161,15 @@ class Attention(nn.Layer):
             raise ValueError(f'embed dim {dim} is not divisible by {num_heads} heads')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x):
         n, l, d = x.shape
-        # (N, L, 3, H, Dh): Paddle's attention takes (N, L, H, Dh), so no head transpose is needed
-        qkv = self.qkv(x).reshape([n, l, 3, self.num_heads, self.head_dim])
-        q, k, v = qkv.unbind(axis=2)
+        # split, not unbind: the gradient of split is a fast concat. Paddle's attention takes
+        # (N, L, H, Dh), so no head transpose is needed
+        shape = [n, l, self.num_heads, self.head_dim]
+        q, k, v = [t.reshape(shape) for t in paddle.split(self.qkv(x), 3, axis=-1)]
         x = F.scaled_dot_product_attention(q, k, v, training=self.training)
         return self.proj(x.reshape([n, l, d]))
 
@@ -141,9 +177,9 @@ class Attention(nn.Layer):
 class Mlp(nn.Layer):
     def __init__(self, in_features, hidden_features):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()  # exact (erf) GELU, as torch.nn.GELU
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -234,7 +270,7 @@ class MaskedAutoencoderViT(nn.Layer):
         self.norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
 
         # decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.decoder_embed = Linear(embed_dim, decoder_embed_dim)
         self.mask_token = self.create_parameter([1, 1, decoder_embed_dim],
                                                 default_initializer=zeros_)
         self.decoder_pos_embed = _fixed_param(
@@ -242,7 +278,7 @@ class MaskedAutoencoderViT(nn.Layer):
         self.decoder_blocks = nn.LayerList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, epsilon=LAYER_NORM_EPS)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self.decoder_pred = Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
 
         self.initialize_weights()
         assert num_patches == self.pos_embed.shape[1] - 1
@@ -332,7 +368,7 @@ class MaskedAutoencoderViT(nn.Layer):
         if self.norm_pix_loss:
             mean = target.mean(axis=-1, keepdim=True)
             var = target.var(axis=-1, keepdim=True, unbiased=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
+            target = (target - mean) / paddle.sqrt(var + 1.e-6)
         loss = ((pred - target) ** 2).mean(axis=-1)
         return (loss * mask).sum() / mask.sum()
 
@@ -381,7 +417,7 @@ class VisionTransformer(nn.Layer):
             self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
         else:
             self.norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -187,6 +187,7 @@ def tmp_root(tmp_path_factory):
 @pytest.mark.parametrize('case', list(MAE_CASES))
 def test_mae_forward_matches_hf(case, tmp_root):
     ref, model, imgs, noise, log = mae_pair(case, tmp_root)
+    model.eval()
     assert 'pretrain-full' in log
     with torch.no_grad():
         r = ref(pixel_values=torch.from_numpy(imgs), noise=torch.from_numpy(noise))
@@ -216,6 +217,7 @@ def test_mae_gradients_match_hf(case, tmp_root):
     r.loss.backward()
     ref_grads = hf_to_official({n: p.grad for n, p in ref.named_parameters()
                                 if p.grad is not None})
+    model.train()  # the training code path (on CPU: GEMM-only Linear backward)
     model.clear_gradients()
     loss, _, _ = model(paddle.to_tensor(imgs), noise=paddle.to_tensor(noise))
     loss.backward()

@@ -64,7 +64,7 @@ def reconstruct(model, images, mask_ratio, seed):
         target = model.patchify(x)
         mean = target.mean(axis=-1, keepdim=True)
         var = target.var(axis=-1, keepdim=True, unbiased=True)
-        pred = pred * (var + 1.e-6) ** .5 + mean
+        pred = pred * paddle.sqrt(var + 1.e-6) + mean
     p = model.patch_embed.patch_size
     pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand([n, l, p * p * 3]))
     recon = model.unpatchify(pred)
