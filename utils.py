@@ -4,6 +4,7 @@ Import this module BEFORE anything that imports Paddle: the CPU environment (thr
 code path) must be in os.environ when Paddle's math libraries load.
 """
 import os
+import sys
 
 
 def _configure_cpu_environment():
@@ -25,12 +26,35 @@ def _configure_cpu_environment():
     os.environ['OMP_NUM_THREADS'] = str(max(cores // local, 1))
 
 
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '4294967296', 'MALLOC_TRIM_THRESHOLD_': '4294967296'}
+
+
+def _reexec_with_malloc_settings():
+    """glibc hands every large tensor a fresh mmap and page-faults it in; with the thresholds
+    raised it reuses freed heap memory instead (element-wise ops 2-6x faster on CPU, DESIGN.md
+    section 6). glibc reads these variables only at start-up, so this project's own scripts
+    (not Python sessions or test runners that import it) restart themselves once with them."""
+    main_file = getattr(sys.modules.get('__main__'), '__file__', None) or ''
+    ours = os.path.dirname(os.path.abspath(main_file)) in (_ROOT, os.path.join(_ROOT, 'tools'))
+    if not ours or not sys.platform.startswith('linux') or os.environ.get('MAE_NO_REEXEC'):
+        return
+    if all(k in os.environ for k in _MALLOC_ENV):
+        return
+    env = dict(os.environ, MAE_NO_REEXEC='1')
+    for k, v in _MALLOC_ENV.items():
+        env.setdefault(k, v)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 _configure_cpu_environment()
+_reexec_with_malloc_settings()
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
