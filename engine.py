@@ -112,7 +112,13 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
         if save_fn is not None and config.SAVE_FREQ_ITERS > 0 and step_now and \
                 (it + 1) % config.SAVE_FREQ_ITERS == 0 and it + 1 < num_iters:
             save_fn(epoch, it + 1)
-    return {'train_loss': utils.all_reduce_mean(loss_sum / max(loss_count, 1)), 'lr': lr}
+    stats = {'train_loss': utils.all_reduce_mean(loss_sum / max(loss_count, 1)), 'lr': lr}
+    skipped = int(utils.all_reduce_sum([getattr(loader.dataset, 'num_skipped', 0)])[0])
+    if skipped:  # DATA.ON_BAD_IMAGE skip
+        stats['skipped_images'] = skipped
+        logger.info(f'epoch {epoch}: {stats["skipped_images"]} unreadable image(s) skipped so '
+                    f'far (DATA.ON_BAD_IMAGE skip)')
+    return stats
 
 
 @paddle.no_grad()
@@ -127,8 +133,14 @@ def evaluate(model, loader):
     sums = np.zeros(4)  # correct@1, correct@5, loss sum, count
     for batch in loader:
         images, labels = batch[0], batch[1]
-        logits = net(images)
         labels = labels.reshape([-1]).astype('int64')
+        keep = labels.numpy() >= 0  # -1: an unreadable image replaced (ON_BAD_IMAGE skip)
+        if not keep.any():
+            continue
+        logits = net(images)
+        if not keep.all():
+            idx = paddle.to_tensor(np.nonzero(keep)[0])
+            logits, labels = paddle.gather(logits, idx), paddle.gather(labels, idx)
         loss = F.cross_entropy(logits, labels, reduction='sum')
         k = min(5, logits.shape[1])
         topk = paddle.topk(logits, k=k, axis=1)[1].numpy()

@@ -469,7 +469,7 @@ def add_linear_probe_head(model):
 # Factories and build_model
 # ----------------------------------------------------------------------------------------------
 _ARCHS = {  # name -> (patch, embed, depth, heads, decoder embed, decoder depth, decoder heads)
-    'tiny_patch4': (4, 192, 4, 3, 128, 2, 4),
+    'tiny_patch4': (4, 128, 4, 4, 96, 2, 4),
     'base_patch16': (16, 768, 12, 12, 512, 8, 16),
     'large_patch16': (16, 1024, 24, 16, 512, 8, 16),
     'huge_patch14': (14, 1280, 32, 16, 512, 8, 16),

@@ -92,8 +92,8 @@ def test_build_model_follows_config():
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     c.DATA.IMAGE_SIZE = 48
     m = T.build_model(c)
-    assert m.pos_embed.shape == [1, 1 + 12 * 12, 192]
-    assert m.head.weight.shape == [192, c.MODEL.NUM_CLASSES]
+    assert m.pos_embed.shape == [1, 1 + 12 * 12, c.MODEL.ENCODER.EMBED_DIM]
+    assert m.head.weight.shape == [c.MODEL.ENCODER.EMBED_DIM, c.MODEL.NUM_CLASSES]
     assert m.blocks[-1].drop_path.drop_prob == pytest.approx(c.MODEL.DROP_PATH)
     c.MODEL.NAME = 'mae_vit_tiny_patch4'
     with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_tiny_patch4' does not fit "
