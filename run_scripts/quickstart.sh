@@ -45,8 +45,10 @@ train linearprobe tiny_linearprobe "$OUT/linearprobe" -pretrained "$PRE" \
 step "linear probe of a randomly initialised encoder, for comparison -> $OUT/linearprobe_random"
 train linearprobe tiny_linearprobe "$OUT/linearprobe_random" -opts TRAIN.NUM_EPOCHS "$PROBE_EPOCHS"
 step "fine-tuning the pre-trained encoder ($FINETUNE_EPOCHS epochs) -> $OUT/finetune"
+# a few epochs on small pictures: lighter augmentation than the ImageNet recipe of the config
 train finetune tiny_finetune "$OUT/finetune" -pretrained "$PRE" \
-  -opts TRAIN.NUM_EPOCHS "$FINETUNE_EPOCHS"
+  -opts TRAIN.NUM_EPOCHS "$FINETUNE_EPOCHS" TRAIN.MIXUP_ALPHA 0 TRAIN.CUTMIX_ALPHA 0 \
+  TRAIN.RANDOM_ERASE_PROB 0 TRAIN.RAND_AUGMENT rand-m5-mstd0.5-inc1
 step "evaluating the fine-tuned model on the held-out images"
 "$PYTHON" main_multi_gpu_finetune.py -cfg configs/tiny_finetune.yaml -data_path "$DATA" \
   -pretrained "$OUT/finetune/latest.pdparams" -eval | tee "$OUT/finetune_eval.json"

@@ -1,0 +1,734 @@
+"""Data: list-file and class-folder datasets, robust RGB loading, the official MAE transforms,
+and the training / evaluation loaders.
+
+Data folder (DESIGN.md 3.3): DATA_PATH/train_list.txt and DATA_PATH/val_list.txt, one image a
+line, `relative/path [label]` (paths relative to DATA_PATH; the label is optional for
+pre-training), or DATA_PATH/train/ and DATA_PATH/val/ holding one sub-folder per class.
+
+Errors a user can cause (missing folder, malformed list line, unreadable image) raise DataError
+(BadImageError for an image; both are utils.UserError) with a one-line message naming the file
+and list line; utils.run_main prints it without a traceback. One raised in a loader worker is
+recorded and raised by the loader in the main process, with the same class and message.
+
+DATA.ON_BAD_IMAGE 'skip' replaces an unreadable image by the next readable one and counts it:
+`dataset.num_skipped` is the count over all loader workers of this process (a shared counter),
+so the training log can report it (sum it over processes with an all-reduce). Evaluation
+datasets mark a replaced sample with label -1 so that evaluate() can leave it out of the
+metrics and of the image count.
+
+Randomness: the transforms draw from Python's `random` and NumPy's global RNG. The training
+loader seeds both in each worker from (SEED, epoch, rank, worker id), and ImageDataset reseeds
+them before transforming sample i from (SEED, epoch, i): augmentations differ between samples
+and epochs, yet repeat exactly when a run is repeated or resumed mid-epoch, whatever
+NUM_WORKERS or the number of processes. The sample order is a permutation drawn from
+(SEED, epoch), the same on every process.
+"""
+import gc
+import logging
+import math
+import multiprocessing
+import os
+import random
+import traceback
+
+import utils  # first: sets the CPU environment before Paddle loads
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+from paddle.io import DataLoader, Dataset, DistributedBatchSampler  # noqa: E402
+from paddle.io.dataloader.collate import default_collate_fn  # noqa: E402
+from paddle.vision import transforms as T  # noqa: E402
+from paddle.vision.transforms import functional as TF  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from augment import BICUBIC, rand_augment_transform  # noqa: E402
+from config import ConfigError  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp',
+                  '.gif')
+MAX_BAD_IN_A_ROW = 50  # 'skip' mode: give up (DataError) after this many unreadable in a row
+IGNORE_LABEL = -1      # no label (unlabelled pre-training data), or an eval sample replaced
+_ERROR_BYTES = 4096    # room for a worker's error message
+
+
+# ------------------------------------------------------------------------------------- errors
+
+class DataError(utils.UserError):
+    """A problem with the user's data: missing folder or list, malformed list line, unreadable
+    image. str(e) is one line naming the file; utils.run_main prints it without a traceback."""
+
+
+class BadImageError(DataError):
+    """An image file that is missing, truncated or not an image (DATA.ON_BAD_IMAGE 'error')."""
+
+
+# ------------------------------------------------------------------------------ image loading
+
+_SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_ALPHA = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+_EXIF_ORIENTATION = 0x0112
+
+
+def load_rgb(path):
+    """Read an image file as an 8-bit RGB PIL image, turned upright by its EXIF orientation.
+
+    Handles grayscale (8- and 16-bit: 16-bit values are scaled to 0..255, not clipped as
+    Image.convert does), CMYK, palette, and alpha (composited over white; Image.convert would
+    drop alpha and show whatever colour the transparent pixels hold). Raises the underlying
+    exception (OSError, ValueError, ...) for a missing, truncated or non-image file.
+    """
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        img.load()  # decode now, so a truncated file fails here and the file can be closed
+    return _to_rgb(_upright(img))
+
+
+def _upright(img):
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(img)
+    except Exception:  # unreadable EXIF block: the pixels are fine, keep them as stored
+        pass
+    return img
+
+
+def _to_rgb(img):
+    mode = img.mode
+    if mode == 'RGB':
+        return img
+    if mode in _SIXTEEN_BIT or mode in ('I', 'F'):
+        a = np.asarray(img).astype(np.float64)
+        if mode in _SIXTEEN_BIT or (mode == 'I' and a.max(initial=0) > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        elif mode == 'F' and a.max(initial=0) <= 1.0:
+            a = a * 255.0  # float images in [0, 1]
+        gray = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+        return gray.convert('RGB')
+    if mode in _ALPHA or (mode == 'P' and 'transparency' in img.info) or (
+            mode in ('L', 'RGB') and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, ...
+
+
+def _reason(exc):
+    text = str(exc).replace('\n', ' ').strip()
+    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+class ImageDataset(Dataset):
+    """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64).
+
+    paths: file paths; labels: ints; transform: PIL RGB image -> array (None: the PIL image).
+    on_bad_image: 'error' raises BadImageError naming the file; 'skip' uses the next readable
+    sample instead, counts it in `num_skipped` and logs a warning.
+    mark_skipped: give a replaced sample IGNORE_LABEL (evaluation: count every image once).
+    augment_seed: when not None, the random transforms of sample i in epoch augment_epoch draw
+    from RNGs seeded with (augment_seed, augment_epoch, i): the same augmentation whichever
+    worker or process loads it, for any NUM_WORKERS, and in a run resumed mid-epoch.
+    Paths are held in one NumPy bytes array, not a list of str, so that forked workers do not
+    copy them page by page as reference counts change.
+    """
+
+    def __init__(self, paths, labels, transform=None, on_bad_image='error', mark_skipped=False):
+        if on_bad_image not in ('error', 'skip'):
+            raise ConfigError(f"DATA.ON_BAD_IMAGE is {on_bad_image!r}; choose 'error' or 'skip'")
+        self._paths = np.array([p.encode('utf-8') for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.mark_skipped = mark_skipped
+        self._skipped = multiprocessing.Value('q', 0)  # shared with forked/spawned workers
+        self._loader_error = multiprocessing.Array('c', _ERROR_BYTES)  # see loader_error()
+        self.defer_errors = False
+        self.augment_seed = None  # set (with augment_epoch) by a training EpochDataLoader
+        self.augment_epoch = 0
+
+    def __len__(self):
+        return len(self._paths)
+
+    def path(self, index):
+        return self._paths[index].decode('utf-8')
+
+    def describe(self, index):
+        """Where sample `index` comes from, for messages."""
+        return self.path(index)
+
+    @property
+    def num_skipped(self):
+        """Unreadable images replaced so far, over all loader workers of this process."""
+        return self._skipped.value
+
+    def reset_skip_count(self):
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    # Errors inside a loader. Paddle's DataLoader runs __getitem__ in a reader thread (also
+    # with NUM_WORKERS 0) or in worker processes; an exception there leaves the main process
+    # hanging (NUM_WORKERS 0, Paddle 2.6 and 3.3) or failing with a bare SystemError while the
+    # real error goes to stderr as a thread traceback. So while EpochDataLoader iterates
+    # (defer_errors True), __getitem__ records the first error in shared memory and returns a
+    # placeholder sample, and the loader raises the recorded error in the main thread.
+
+    def loader_error(self):
+        """The first error recorded during loader iteration, as an exception to raise, or None:
+        DataError / BadImageError with its one-line message; any other error (a bug) as
+        RuntimeError with the traceback text from the process that hit it."""
+        record = self._loader_error.value.decode('utf-8', 'replace')
+        if not record:
+            return None
+        kind, _, message = record.partition('\t')
+        if kind == BadImageError.__name__:
+            return BadImageError(message)
+        if kind == DataError.__name__:
+            return DataError(message)
+        return RuntimeError(f'data loading failed:\n{message}')
+
+    def clear_loader_error(self):
+        self._loader_error.value = b''
+
+    def __getitem__(self, index):
+        """-> (transformed image [3, H, W] float32, int64 label)."""
+        try:
+            return self._load_sample(index)
+        except Exception as e:
+            if not self.defer_errors:
+                raise
+            if isinstance(e, DataError):
+                record = f'{type(e).__name__}\t{e}'
+            else:
+                record = 'Exception\t' + ''.join(traceback.format_exception(
+                    type(e), e, e.__traceback__))[-(_ERROR_BYTES // 2):]
+            with self._loader_error.get_lock():
+                if not self._loader_error.value:
+                    self._loader_error.value = record.encode('utf-8')[:_ERROR_BYTES - 1]
+            return self._placeholder()
+
+    def _placeholder(self):
+        img = Image.new('RGB', (1, 1))
+        try:
+            img = self.transform(img) if self.transform else img
+        except Exception:
+            img = np.zeros((3, 1, 1), np.float32)
+        return img, np.int64(IGNORE_LABEL)
+
+    def _load_sample(self, index):
+        n = len(self)
+        for attempt in range(min(n, MAX_BAD_IN_A_ROW)):
+            i = (index + attempt) % n
+            try:
+                img = load_rgb(self.path(i))
+            except Exception as e:
+                if self.on_bad_image == 'error':
+                    raise BadImageError(
+                        f'cannot read image {self.describe(i)}: {_reason(e)}. Fix or remove it, '
+                        f'or set DATA.ON_BAD_IMAGE skip to skip unreadable images') from None
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                logger.warning('skipping unreadable image %s: %s', self.describe(i), _reason(e))
+                continue
+            label = self.labels[i]
+            if attempt and self.mark_skipped:
+                label = IGNORE_LABEL
+            if self.augment_seed is not None:
+                seed_augmentation(self.augment_seed, self.augment_epoch, index)
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, np.int64(label)
+        raise DataError(f'{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row, starting at '
+                        f'{self.describe(index)}: is DATA.DATA_PATH the right folder?')
+
+
+class ImageListDataset(ImageDataset):
+    """Images listed in a text file, one a line: `relative/path [label]`.
+
+    Paths are relative to `root` and contain no whitespace; blank lines and lines starting with
+    '#' are ignored. require_labels: every line needs an integer label (fine-tuning, linear
+    probing, evaluation); otherwise a missing label becomes IGNORE_LABEL. num_classes: labels
+    must be in [0, num_classes). A malformed line raises DataError naming the file and line.
+    """
+
+    def __init__(self, root, list_file, transform=None, require_labels=True, num_classes=None,
+                 on_bad_image='error', mark_skipped=False):
+        self.root = root
+        self.list_file = list_file
+        paths, labels, self._line_numbers = self._read(list_file, root, require_labels,
+                                                       num_classes)
+        super().__init__(paths, labels, transform, on_bad_image, mark_skipped)
+        self._line_numbers = np.asarray(self._line_numbers, dtype=np.int64)
+
+    @staticmethod
+    def _read(list_file, root, require_labels, num_classes):
+        if not os.path.isfile(list_file):
+            raise DataError(f'image list not found: {list_file}')
+        paths, labels, line_numbers = [], [], []
+        with open(list_file, 'rb') as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f'{list_file} line {lineno}'
+                try:
+                    line = raw.decode('utf-8').strip()
+                except UnicodeDecodeError:
+                    raise DataError(f'{where}: not UTF-8 text') from None
+                if not line or line.startswith('#'):
+                    continue
+                parts = line.split()
+                if len(parts) > 2:
+                    raise DataError(f"{where}: expected 'relative/path [label]' (no spaces in "
+                                    f"the path), got {line!r}")
+                label = IGNORE_LABEL
+                if len(parts) == 2:
+                    try:
+                        label = int(parts[1])
+                    except ValueError:
+                        raise DataError(f'{where}: the label {parts[1]!r} is not an integer '
+                                        f'(line {line!r})') from None
+                    if label < 0 or (num_classes is not None and label >= num_classes):
+                        top = f'{num_classes - 1} (MODEL.NUM_CLASSES {num_classes})' \
+                            if num_classes is not None else 'the number of classes - 1'
+                        raise DataError(f'{where}: label {label} is outside 0..{top}')
+                elif require_labels:
+                    raise DataError(f'{where}: no label after the path {parts[0]!r}; '
+                                    f'fine-tuning, linear probing and evaluation need '
+                                    f"'relative/path label'")
+                paths.append(os.path.join(root, parts[0]))
+                labels.append(label)
+                line_numbers.append(lineno)
+        if not paths:
+            raise DataError(f'{list_file}: lists no images')
+        return paths, labels, line_numbers
+
+    def describe(self, index):
+        return f'{self.path(index)} ({self.list_file} line {self._line_numbers[index]})'
+
+
+class ImageFolderDataset(ImageDataset):
+    """root/<class>/**/<image>: classes are the sorted sub-folder names, labels their index.
+
+    A folder holding images and no sub-folders gives unlabelled samples (IGNORE_LABEL), unless
+    require_labels. Files are recognised by extension (IMG_EXTENSIONS, any case).
+    """
+
+    def __init__(self, root, transform=None, require_labels=True, num_classes=None,
+                 on_bad_image='error', mark_skipped=False):
+        if not os.path.isdir(root):
+            raise DataError(f'image folder not found: {root}')
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        paths, labels = [], []
+        if self.classes:
+            if num_classes is not None and len(self.classes) > num_classes:
+                raise DataError(f'{root} has {len(self.classes)} class folders but '
+                                f'MODEL.NUM_CLASSES is {num_classes}')
+            for label, name in enumerate(self.classes):
+                found = _images_under(os.path.join(root, name))
+                paths += found
+                labels += [label] * len(found)
+        else:
+            if require_labels:
+                raise DataError(f'{root} has no class sub-folders; fine-tuning, linear probing '
+                                f'and evaluation need root/<class>/<image> or a list file')
+            paths = _images_under(root)
+            labels = [IGNORE_LABEL] * len(paths)
+        if not paths:
+            raise DataError(f'{root}: no image files ({", ".join(IMG_EXTENSIONS)}) found')
+        super().__init__(paths, labels, transform, on_bad_image, mark_skipped)
+
+
+def _images_under(folder):
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMG_EXTENSIONS)]
+    return found
+
+
+def build_dataset(config, is_train, transform=None):
+    """The training or validation dataset of config.DATA (list file first, else a folder of
+    class sub-folders: DATA_PATH/train or DATA_PATH/val), with build_transform's transform
+    unless one is given. Labels are required except for pre-training's training set."""
+    d = config.DATA
+    if not d.DATA_PATH:
+        raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
+    if not os.path.isdir(d.DATA_PATH):
+        raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
+    if transform is None:
+        transform = build_transform(is_train, config)
+    need_labels = not is_train or config.TRAIN.MODE != 'pretrain'
+    common = dict(transform=transform, require_labels=need_labels,
+                  num_classes=config.MODEL.NUM_CLASSES if need_labels else None,
+                  on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train)
+    list_name, list_key = (d.TRAIN_LIST, 'TRAIN_LIST') if is_train else (d.VAL_LIST, 'VAL_LIST')
+    list_file = os.path.join(d.DATA_PATH, list_name)
+    if os.path.isfile(list_file):
+        return ImageListDataset(d.DATA_PATH, list_file, **common)
+    folder = os.path.join(d.DATA_PATH, 'train' if is_train else 'val')
+    if os.path.isdir(folder):
+        return ImageFolderDataset(folder, **common)
+    raise DataError(f'{d.DATA_PATH}: found neither the list file {list_name} (DATA.{list_key}) '
+                    f'nor a folder {os.path.basename(folder)}/ of class sub-folders')
+
+
+# ---------------------------------------------------------------------------------- transforms
+
+class ToCHWArray:
+    """PIL RGB image -> float32 array [3, H, W] in [0, 1], torchvision ToTensor's arithmetic.
+
+    Written here because paddle's ToTensor returns a paddle.Tensor; loader workers hand NumPy
+    arrays to the collate function instead.
+    """
+
+    def __call__(self, img):
+        chw = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1),
+                                   dtype=np.float32)
+        chw /= np.float32(255.0)
+        return chw
+
+
+class ResizeCenterCrop:
+    """Resize the shorter side to `resize` (bicubic), then take the centre `crop` x `crop`:
+    paddle's Resize and CenterCrop, whose size and offset rounding equal torchvision's.
+
+    For aspect ratios above 64:1 the full resize is huge (1x1000 pixels -> 256x256000), so only
+    the centre band the crop keeps is resampled, through PIL's resize box; this band path is
+    the one hand-written part and matches the full resize to within PIL's rounding.
+    """
+
+    MAX_ASPECT = 64
+
+    def __init__(self, resize, crop):
+        self.resize_op = T.Resize(resize, interpolation='bicubic')
+        self.crop_op = T.CenterCrop(crop)
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, img):
+        w, h = img.size
+        if max(w, h) <= self.MAX_ASPECT * min(w, h):
+            return self.crop_op(self.resize_op(img))
+        if w < h:
+            ow, oh = self.resize, int(self.resize * h / w)
+        else:
+            ow, oh = int(self.resize * w / h), self.resize
+        top = int(round((oh - self.crop) / 2.0))
+        left = int(round((ow - self.crop) / 2.0))
+        sx, sy = w / ow, h / oh
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return img.resize((self.crop, self.crop), BICUBIC, box=box)
+
+
+class RandomResizedCropNoRetry:
+    """RandomResizedCrop of the official MAE linear probing (util/crop.py, after BYOL's TF
+    code): one draw of area fraction and log-aspect, the crop clamped to the image (and to at
+    least 1 pixel), no retry loop and no centre-crop fallback; then a bicubic resize to `size`.
+    Paddle's RandomResizedCrop retries up to 10 times like torchvision's, hence this class.
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size = (size, size)
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, img):
+        width, height = img.size
+        target_area = width * height * random.uniform(*self.scale)
+        aspect = math.exp(random.uniform(*self.log_ratio))
+        w = min(max(1, int(round(math.sqrt(target_area * aspect)))), width)
+        h = min(max(1, int(round(math.sqrt(target_area / aspect)))), height)
+        top = random.randint(0, height - h)
+        left = random.randint(0, width - w)
+        return TF.resize(TF.crop(img, top, left, h, w), self.size, 'bicubic')
+
+
+class RandomErasing:
+    """timm's RandomErasing on a normalised float32 [C, H, W] array, as the official MAE
+    fine-tuning applies it per image after Normalize.
+
+    With probability `prob`, erase `max_count` boxes (a random count in 1..max_count when
+    max_count > 1), each covering 2 %..33 % of the image divided by the count, log-uniform
+    aspect 0.3..3.33, 10 tries to fit. mode 'pixel': per-pixel standard normal values; 'rand':
+    one normal value per channel; 'const': zeros. Written here because paddle's RandomErasing
+    reads NumPy input as HWC, scales random values by 255 and has no box count.
+    """
+
+    def __init__(self, prob=0.25, mode='pixel', max_count=1, min_area=0.02, max_area=1 / 3,
+                 min_aspect=0.3):
+        if mode not in ('pixel', 'rand', 'const'):
+            raise ConfigError(f"TRAIN.RANDOM_ERASE_MODE is {mode!r}; choose pixel, rand or const")
+        self.prob = prob
+        self.mode = mode
+        self.max_count = max(1, int(max_count))
+        self.area = (min_area, max_area)
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def _values(self, shape):
+        if self.mode == 'pixel':
+            return np.random.standard_normal(shape).astype(np.float32)
+        if self.mode == 'rand':
+            return np.random.standard_normal((shape[0], 1, 1)).astype(np.float32)
+        return np.float32(0.0)
+
+    def __call__(self, img):
+        if random.random() > self.prob:
+            return img
+        chans, img_h, img_w = img.shape
+        count = 1 if self.max_count == 1 else random.randint(1, self.max_count)
+        for _ in range(count):
+            for _attempt in range(10):
+                target_area = random.uniform(*self.area) * img_h * img_w / count
+                aspect = math.exp(random.uniform(*self.log_aspect))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < img_w and h < img_h:
+                    top = random.randint(0, img_h - h)
+                    left = random.randint(0, img_w - w)
+                    img[:, top:top + h, left:left + w] = self._values((chans, h, w))
+                    break
+        return img
+
+
+def eval_crop_pct(config):
+    """DATA.CROP_PCT for IMAGE_SIZE <= 224; 1.0 above, as the official main_finetune does."""
+    return config.DATA.CROP_PCT if config.DATA.IMAGE_SIZE <= 224 else 1.0
+
+
+def build_transform(is_train, config):
+    """A callable PIL RGB image -> float32 array [3, IMAGE_SIZE, IMAGE_SIZE].
+
+    Evaluation: Resize(int(size / crop_pct), bicubic) on the shorter side, CenterCrop(size),
+    scale to [0, 1], Normalize(MEAN, STD).
+    Training, by TRAIN.MODE: RandomResizedCrop(size, TRAIN.RRC_SCALE, bicubic) -- the official
+    linear probing's single-draw variant for 'linearprobe' -- then horizontal flip, RandAugment
+    (TRAIN.RAND_AUGMENT, if set), scale + Normalize, RandomErasing (TRAIN.RANDOM_ERASE_*, if
+    the probability is > 0). The base configs give the official recipes: pre-training RRC scale
+    (0.2, 1); fine-tuning (0.08, 1) + rand-m9-mstd0.5-inc1 + erasing 0.25 'pixel' x1.
+    """
+    d, t = config.DATA, config.TRAIN
+    size = d.IMAGE_SIZE
+    finish = [ToCHWArray(), T.Normalize(mean=list(d.MEAN), std=list(d.STD), data_format='CHW')]
+    if not is_train:
+        crop_pct = eval_crop_pct(config)
+        if not 0 < crop_pct <= 1:
+            raise ConfigError(f'DATA.CROP_PCT must be in (0, 1], got {crop_pct}')
+        return T.Compose([ResizeCenterCrop(int(size / crop_pct), size)] + finish)
+
+    scale = tuple(t.RRC_SCALE)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f'TRAIN.RRC_SCALE must be [low, high] with 0 < low <= high <= 1, '
+                          f'got {list(t.RRC_SCALE)}')
+    if t.MODE == 'linearprobe':
+        crop = RandomResizedCropNoRetry(size, scale=scale)
+    else:
+        crop = T.RandomResizedCrop(size, scale=scale, interpolation='bicubic')
+    ops = [crop, T.RandomHorizontalFlip()]
+    if t.RAND_AUGMENT:
+        try:
+            ops.append(rand_augment_transform(t.RAND_AUGMENT, img_size=size, mean=d.MEAN))
+        except ValueError as e:
+            raise ConfigError(f'TRAIN.RAND_AUGMENT: {e}') from None
+    ops += finish
+    if t.RANDOM_ERASE_PROB > 0:
+        if t.RANDOM_ERASE_PROB > 1:
+            raise ConfigError(f'TRAIN.RANDOM_ERASE_PROB must be in [0, 1], '
+                              f'got {t.RANDOM_ERASE_PROB}')
+        ops.append(RandomErasing(t.RANDOM_ERASE_PROB, t.RANDOM_ERASE_MODE,
+                                 t.RANDOM_ERASE_COUNT))
+    return T.Compose(ops)
+
+
+# ------------------------------------------------------------------------------------- loaders
+
+def seed_augmentation(*keys):
+    """Seed Python's `random` and NumPy's global RNG -- the ones the transforms and Mixup draw
+    from -- from a tuple of non-negative ints, e.g. (SEED, epoch, sample index), mixed by
+    NumPy's SeedSequence (about 20 us). Paddle's generator is left alone."""
+    state = np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(4)
+    np.random.seed(state)
+    random.seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TrainBatchSampler(DistributedBatchSampler):
+    """Shuffled batches of one process out of `num_replicas`.
+
+    Epoch e's order is a permutation drawn from (seed, e), identical on every process, padded
+    by wrapping around to a multiple of num_replicas, and cut into global batches of
+    batch_size x num_replicas; process r takes the r-th batch_size slice of each, as Paddle's
+    DistributedBatchSampler does. So R processes with batch B see the same global batches as
+    one process with batch R x B, and all processes get the same number of batches.
+    set_epoch(e, k) fixes the epoch (a resumed run gets the same order) and makes the next pass
+    start at batch k (resuming mid-epoch; len() stays the full epoch's). A full pass moves on
+    to the next epoch by itself, so forgetting set_epoch does not repeat one order forever.
+    """
+
+    def __init__(self, dataset, batch_size, num_replicas=None, rank=None, seed=0,
+                 drop_last=True):
+        super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank,
+                         shuffle=True, drop_last=drop_last)
+        self.seed = seed
+        self.start_batch = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def indices(self):
+        """This process's sample indices for the current epoch, in order."""
+        order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(
+            len(self.dataset))
+        order = np.resize(order, self.total_size)  # wrap-around padding
+        full = self.num_samples // self.batch_size * self.batch_size * self.nranks
+        step, r = self.batch_size, self.local_rank
+        mine = [order[start + r * step:start + (r + 1) * step]
+                for start in range(0, full, step * self.nranks)]
+        if not self.drop_last and full < self.total_size:  # the short last global batch
+            share = (self.total_size - full) // self.nranks
+            mine.append(order[full + r * share:full + (r + 1) * share])
+        return np.concatenate(mine) if mine else order[:0]
+
+    def __iter__(self):
+        mine = self.indices().tolist()
+        first, self.start_batch = self.start_batch * self.batch_size, 0
+        for start in range(first, len(mine), self.batch_size):
+            yield mine[start:start + self.batch_size]
+        self.epoch += 1
+
+    def __len__(self):
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+class EvalBatchSampler(DistributedBatchSampler):
+    """Evaluation batches in which every sample is seen by exactly one process once: process
+    r of R takes the contiguous shard [r*n//R, (r+1)*n//R), no padding, last batch short."""
+
+    def __init__(self, dataset, batch_size, num_replicas=None, rank=None):
+        super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank,
+                         shuffle=False, drop_last=False)
+        n = len(dataset)
+        self.shard = (self.local_rank * n // self.nranks, (self.local_rank + 1) * n // self.nranks)
+        self.num_samples = self.shard[1] - self.shard[0]
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch = epoch  # evaluation is the same every epoch; kept for a uniform interface
+
+    def __iter__(self):
+        lo, hi = self.shard
+        for start in range(lo, hi, self.batch_size):
+            yield list(range(start, min(start + self.batch_size, hi)))
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.batch_size)
+
+
+class _SeedWorker:
+    """worker_init_fn: seeds each worker's RNGs from (seed, sampler's epoch, rank, worker id),
+    for datasets without per-sample seeding (ImageDataset reseeds per sample on top). Workers
+    start when the loader is iterated, i.e. after set_epoch, so they see the epoch."""
+
+    def __init__(self, sampler, seed, rank):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+
+    def __call__(self, worker_id):
+        seed_augmentation(self.seed, self.sampler.epoch, self.rank, worker_id)
+
+
+class EpochDataLoader(DataLoader):
+    """paddle.io.DataLoader with set_epoch(epoch, start_batch=0), per-sample augmentation seeds
+    for training, and errors of the data raised in the calling thread.
+
+    With NUM_WORKERS 0 the batches are loaded in the calling thread: Paddle's single-process
+    loader reads in a background thread, where an exception leaves the caller waiting forever
+    (Paddle 2.6 and 3.3) and whose draws from the global RNGs would race with the training
+    loop's. With workers, errors are recorded by the dataset and raised here (see
+    ImageDataset.loader_error).
+    """
+
+    def __init__(self, dataset, batch_sampler, num_workers, seed, rank, train):
+        super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                         worker_init_fn=_SeedWorker(batch_sampler, seed, rank) if train else None,
+                         return_list=True)
+        self._seed, self._train = seed, train
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.batch_sampler.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        if self._train and hasattr(self.dataset, 'augment_seed'):
+            # before the workers start, so they inherit both
+            self.dataset.augment_seed = self._seed
+            self.dataset.augment_epoch = self.batch_sampler.epoch
+        if self.num_workers == 0:
+            return self._batches_in_this_thread()
+        # A finished Paddle loader iterator lingers in a reference cycle. Left to the cyclic
+        # garbage collector of a forked worker, its C++ destructor destroys a condition
+        # variable copied from this process and the worker hangs (seen with Paddle 2.6:
+        # pthread_cond_destroy under gc in _worker_loop). Collect such garbage here, first.
+        gc.collect()
+        if not hasattr(self.dataset, 'loader_error'):
+            return super().__iter__()
+        self.dataset.clear_loader_error()
+        self.dataset.defer_errors = True
+        return self._raising_recorded_errors(super().__iter__())
+
+    def _batches_in_this_thread(self):
+        for indices in self.batch_sampler:
+            batch = (self.collate_fn or default_collate_fn)([self.dataset[i] for i in indices])
+            yield [paddle.to_tensor(field) if isinstance(field, np.ndarray) else field
+                   for field in batch]
+
+    def _raising_recorded_errors(self, batches):
+        """Yield batches; raise a recorded error before yielding the batch it spoiled."""
+        finished = False
+        try:
+            try:
+                for batch in batches:
+                    self._raise_recorded_error()
+                    yield batch
+            except Exception:
+                self._raise_recorded_error()  # the cause, rather than Paddle's SystemError
+                raise
+            finished = True
+            self._raise_recorded_error()
+        finally:
+            if not finished:  # error or early exit: stop Paddle's reader thread and workers now,
+                # before errors stop being deferred (Paddle 2.6 and 3.x both have this method)
+                shutdown = getattr(batches, '_try_shutdown_all', None)
+                if shutdown is not None:
+                    shutdown()
+            self.dataset.defer_errors = False
+
+    def _raise_recorded_error(self):
+        error = self.dataset.loader_error()
+        if error is not None:
+            raise error from None
+
+
+def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
+    """Loader of `dataset` for this process (rank/num_replicas: Paddle's distributed env).
+
+    Training: DATA.BATCH_SIZE, shuffled from (SEED, epoch), drop_last, seeded workers; call
+    loader.set_epoch(epoch) before each epoch. Evaluation: DATA.BATCH_SIZE_EVAL, each image on
+    exactly one process. Batches are (images float32 [B, 3, H, W], labels int64 [B]).
+    """
+    if num_replicas is None:
+        num_replicas = paddle.distributed.get_world_size()
+    if rank is None:
+        rank = paddle.distributed.get_rank()
+    if is_train:
+        sampler = TrainBatchSampler(dataset, config.DATA.BATCH_SIZE, num_replicas=num_replicas,
+                                    rank=rank, seed=config.SEED, drop_last=True)
+        if len(sampler) == 0:
+            raise DataError(f'{len(dataset)} training images make no full batch of '
+                            f'DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} on each of '
+                            f'{num_replicas} processes')
+    else:
+        sampler = EvalBatchSampler(dataset, config.DATA.BATCH_SIZE_EVAL,
+                                   num_replicas=num_replicas, rank=rank)
+    return EpochDataLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.SEED, rank,
+                           train=is_train)
