@@ -358,6 +358,14 @@ class MaskedAutoencoderViT(nn.Layer):
         x = self.decoder_pred(x)
         return x[:, 1:, :]
 
+    @staticmethod
+    def patch_stats(patches):
+        """patches (N, L, P) -> mean and UNBIASED variance over each patch, (N, L, 1) each.
+        (Written out: paddle.var mixes dtypes inside and logs a warning every run.)"""
+        mean = patches.mean(axis=-1, keepdim=True)
+        var = paddle.square(patches - mean).sum(axis=-1, keepdim=True) / (patches.shape[-1] - 1)
+        return mean, var
+
     def forward_loss(self, imgs, pred, mask):
         """Mean squared error per patch, averaged over the removed patches only.
 
@@ -366,10 +374,9 @@ class MaskedAutoencoderViT(nn.Layer):
         """
         target = self.patchify(imgs)
         if self.norm_pix_loss:
-            mean = target.mean(axis=-1, keepdim=True)
-            var = target.var(axis=-1, keepdim=True, unbiased=True)
+            mean, var = self.patch_stats(target)
             target = (target - mean) / paddle.sqrt(var + 1.e-6)
-        loss = ((pred - target) ** 2).mean(axis=-1)
+        loss = paddle.square(pred - target).mean(axis=-1)
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):

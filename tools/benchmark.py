@@ -8,8 +8,17 @@
     sample photographs of scikit-image when that is installed, else smooth synthetic images.
     A training process with DATA.NUM_WORKERS workers gets at most about NUM_WORKERS times this.
 
-Model-step timing (-cfg FILE --batch-size N --steps K, DESIGN.md 3.3) is a later addition:
-one more bench_* function beside bench_data and a branch in main().
+    python tools/benchmark.py -cfg configs/vit_base_patch16_224_pretrain.yaml --batch-size 8 --steps 4
+    times K full training steps (forward, backward, optimizer) of the configured model on
+    synthetic input after 2 warm-up steps: the MAE loss for a pre-training config, cross-entropy
+    of the classifier otherwise, with the config's optimizer. Threads, MKL code path and malloc
+    settings are set up as in the entry points (utils.py).
+
+    ... --reference torch
+    the same step in PyTorch, as a user runs it (torch's default threads, no environment
+    changes): HF transformers' ViTMAEForPreTraining for pre-training configs, timm's
+    VisionTransformer (global pool) for fine-tuning ones; AdamW with the config's betas. Needs
+    requirements-test.txt.
 """
 import argparse
 import glob
@@ -26,7 +35,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import config as config_lib  # noqa: E402
-import datasets  # noqa: E402
+
+datasets = None  # imported in main(), after the CPU environment is set up
 
 JPEG_SIZES = [(500, 375), (375, 500), (500, 333)]  # typical ImageNet shapes
 PHOTOS = ['astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg', 'motorcycle_left.png',
@@ -47,7 +57,10 @@ def parse_args(argv=None):
                    help='--data: folder whose JPEG/PNG files are timed (default: generated)')
     p.add_argument('--eval-transform', action='store_true',
                    help='--data: time the evaluation transform instead of the training one')
-    p.add_argument('-opts', nargs='+', default=[], help='KEY VALUE pairs overriding the config')
+    p.add_argument('--reference', choices=['torch'], default=None,
+                   help='model step timing of the PyTorch reference instead of this code')
+    p.add_argument('-opts', nargs='+', action='extend', default=[],
+                   help='KEY VALUE pairs overriding the config')
     return p.parse_args(argv)
 
 
@@ -124,15 +137,114 @@ def bench_data(config, args):
     return args.images / elapsed
 
 
+def _timed(step, batch, steps, warmup=2):
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    print(f'model: {steps} steps of batch {batch}: {1000 * elapsed / steps:.0f} ms per step')
+    return batch * steps / elapsed
+
+
+def bench_model(config, args):
+    """Images per second of full training steps of this project's model. -> float"""
+    import paddle
+    import paddle.nn.functional as F
+    import optim
+    import transformer
+    batch = args.batch_size or config.DATA.BATCH_SIZE
+    paddle.seed(config.SEED)
+    model = transformer.build_model(config)
+    if config.TRAIN.MODE == 'linearprobe':
+        optim.freeze_for_linear_probe(model)
+    model.train()
+    opt = optim.build_optimizer(model, config, 1)
+    size = config.DATA.IMAGE_SIZE
+    x = paddle.randn([batch, 3, size, size])
+    y = paddle.randint(0, config.MODEL.NUM_CLASSES, [batch])
+
+    def step():
+        if config.TRAIN.MODE == 'pretrain':
+            loss = model(x, mask_ratio=config.MODEL.MASK_RATIO)[0]
+        else:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        float(loss)
+    print(f'model: paddle {paddle.__version__}, {os.environ.get("OMP_NUM_THREADS")} threads, '
+          f'{config.MODEL.NAME} ({config.TRAIN.MODE}), {size}px')
+    return _timed(step, batch, args.steps)
+
+
+def bench_torch_reference(config, args):
+    """The same step in PyTorch (HF ViTMAE / timm ViT), as a user would run it. -> float"""
+    import functools
+    import torch
+    batch = args.batch_size or config.DATA.BATCH_SIZE
+    torch.manual_seed(config.SEED)
+    e, d, size = config.MODEL.ENCODER, config.MODEL.DECODER, config.DATA.IMAGE_SIZE
+    if config.TRAIN.MODE == 'pretrain':
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+        model = ViTMAEForPreTraining(ViTMAEConfig(
+            image_size=size, patch_size=e.PATCH_SIZE, hidden_size=e.EMBED_DIM,
+            num_hidden_layers=e.DEPTH, num_attention_heads=e.NUM_HEADS,
+            intermediate_size=int(e.EMBED_DIM * e.MLP_RATIO), decoder_hidden_size=d.EMBED_DIM,
+            decoder_num_hidden_layers=d.DEPTH, decoder_num_attention_heads=d.NUM_HEADS,
+            decoder_intermediate_size=int(d.EMBED_DIM * e.MLP_RATIO),
+            mask_ratio=config.MODEL.MASK_RATIO, norm_pix_loss=config.MODEL.NORM_PIX_LOSS,
+            layer_norm_eps=1e-6, qkv_bias=True, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+        name = 'HF ViTMAEForPreTraining'
+    else:
+        import timm.models.vision_transformer as timm_vit
+        model = timm_vit.VisionTransformer(
+            img_size=size, patch_size=e.PATCH_SIZE, embed_dim=e.EMBED_DIM, depth=e.DEPTH,
+            num_heads=e.NUM_HEADS, mlp_ratio=e.MLP_RATIO, num_classes=config.MODEL.NUM_CLASSES,
+            global_pool='avg' if config.MODEL.GLOBAL_POOL else 'token',
+            drop_path_rate=config.MODEL.DROP_PATH,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+        name = 'timm VisionTransformer'
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                            betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
+                            weight_decay=config.TRAIN.WEIGHT_DECAY)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, config.MODEL.NUM_CLASSES, (batch,))
+
+    def step():
+        if config.TRAIN.MODE == 'pretrain':
+            loss = model(pixel_values=x).loss
+        else:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        float(loss)
+    print(f'model: torch {torch.__version__}, {torch.get_num_threads()} threads, {name}, '
+          f'{size}px')
+    return _timed(step, batch, args.steps)
+
+
 def main(argv=None):
+    global datasets
     args = parse_args(argv)
+    errors = (config_lib.ConfigError,)
+    if args.reference is None:  # the torch reference runs as a user runs it: no env changes
+        import utils  # noqa: F401  (CPU environment as in the entry points, before Paddle)
+        import datasets
+        errors += (utils.UserError,)
     try:
         config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)
-        if not args.data:
-            sys.exit('benchmark.py: only --data (data-pipeline throughput) exists so far; '
-                     'model step timing with --batch-size/--steps is not implemented yet')
-        rate = bench_data(config, args)
-    except (config_lib.ConfigError, datasets.DataError) as e:
+        if args.reference == 'torch':
+            rate = bench_torch_reference(config, args)
+        elif args.data:
+            rate = bench_data(config, args)
+        else:
+            rate = bench_model(config, args)
+    except errors as e:
         sys.exit(f'benchmark.py: {e}')
     print(f'img/s: {rate:.1f}')
 

@@ -61,9 +61,7 @@ def reconstruct(model, images, mask_ratio, seed):
     noise = paddle.to_tensor(np.random.default_rng(seed).random((n, l), dtype=np.float32))
     _, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)
     if model.norm_pix_loss:  # back to pixels with each patch's own statistics
-        target = model.patchify(x)
-        mean = target.mean(axis=-1, keepdim=True)
-        var = target.var(axis=-1, keepdim=True, unbiased=True)
+        mean, var = model.patch_stats(model.patchify(x))
         pred = pred * paddle.sqrt(var + 1.e-6) + mean
     p = model.patch_embed.patch_size
     pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand([n, l, p * p * 3]))
