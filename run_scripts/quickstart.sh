@@ -6,7 +6,8 @@
 #   comparison, a randomly initialised one, 5. fine-tunes the pre-trained encoder, 6. evaluates
 #   it, 7. draws MAE reconstructions of held-out images, and prints a table of the results.
 # Knobs (environment): OUT (output/quickstart), DATA (data/demo), PRETRAIN_EPOCHS, PROBE_EPOCHS,
-# FINETUNE_EPOCHS, TRAIN_PER_CLASS, VAL_PER_CLASS, PYTHON (skip the venv and use this Python).
+# FINETUNE_EPOCHS, PRETRAIN_BATCH, PROBE_BATCH, FINETUNE_BATCH (default: the configs'),
+# TRAIN_PER_CLASS, VAL_PER_CLASS, PYTHON (skip the venv and use this Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/quickstart}
@@ -31,22 +32,22 @@ step "demo data set -> $DATA"
 "$PYTHON" tools/make_demo_dataset.py --out "$DATA" --train-per-class "$TRAIN_PER_CLASS" \
   --val-per-class "$VAL_PER_CLASS"
 
-train() { # script config output [flags]
-  local script=$1 cfg=$2 out=$3; shift 3
+train() { # script config output batch [flags]
+  local script=$1 cfg=$2 out=$3 batch=$4; shift 4
   "$PYTHON" "main_multi_gpu_$script.py" -cfg "configs/$cfg.yaml" -data_path "$DATA" \
-    -output "$out" "$@"
+    -output "$out" ${batch:+-batch_size "$batch"} "$@"
 }
 step "pre-training the tiny MAE for $PRETRAIN_EPOCHS epochs -> $OUT/pretrain"
-train pretrain tiny_pretrain "$OUT/pretrain" -opts TRAIN.NUM_EPOCHS "$PRETRAIN_EPOCHS"
+train pretrain tiny_pretrain "$OUT/pretrain" "${PRETRAIN_BATCH:-}" -opts TRAIN.NUM_EPOCHS "$PRETRAIN_EPOCHS"
 PRE=$OUT/pretrain/latest.pdparams
 step "linear probe of the pre-trained encoder ($PROBE_EPOCHS epochs) -> $OUT/linearprobe"
-train linearprobe tiny_linearprobe "$OUT/linearprobe" -pretrained "$PRE" \
+train linearprobe tiny_linearprobe "$OUT/linearprobe" "${PROBE_BATCH:-}" -pretrained "$PRE" \
   -opts TRAIN.NUM_EPOCHS "$PROBE_EPOCHS"
 step "linear probe of a randomly initialised encoder, for comparison -> $OUT/linearprobe_random"
-train linearprobe tiny_linearprobe "$OUT/linearprobe_random" -opts TRAIN.NUM_EPOCHS "$PROBE_EPOCHS"
+train linearprobe tiny_linearprobe "$OUT/linearprobe_random" "${PROBE_BATCH:-}" -opts TRAIN.NUM_EPOCHS "$PROBE_EPOCHS"
 step "fine-tuning the pre-trained encoder ($FINETUNE_EPOCHS epochs) -> $OUT/finetune"
 # a few epochs on small pictures: lighter augmentation than the ImageNet recipe of the config
-train finetune tiny_finetune "$OUT/finetune" -pretrained "$PRE" \
+train finetune tiny_finetune "$OUT/finetune" "${FINETUNE_BATCH:-}" -pretrained "$PRE" \
   -opts TRAIN.NUM_EPOCHS "$FINETUNE_EPOCHS" TRAIN.MIXUP_ALPHA 0 TRAIN.CUTMIX_ALPHA 0 \
   TRAIN.RANDOM_ERASE_PROB 0 TRAIN.RAND_AUGMENT rand-m5-mstd0.5-inc1
 step "evaluating the fine-tuned model on the held-out images"
