@@ -38,11 +38,12 @@ def test_train_sampler_two_ranks_split_one_epoch_order():
     batches = [list(s) for s in ranks]
     assert len(batches[0]) == len(batches[1]) == len(ranks[0]) == 12 // bs  # ceil(23/2)=12
     assert all(len(b) == bs for bb in batches for b in bb)  # drop_last
-    # global batch k = rank 0's k-th batch + rank 1's k-th batch = one process's batch of 8
+    # global batch k, dealt out r, r + 2, ... = one process's batch k of 8
     one = datasets.TrainBatchSampler(Sized(n), 2 * bs, num_replicas=1, rank=0, seed=5)
     one.set_epoch(3)
     single = list(one)  # 23 samples: 2 full batches of 8; the 2 ranks pad to 24, 3 x 2 x 4
-    assert len(single) == 2 and [a + b for a, b in zip(*batches)][:2] == single
+    interleaved = [[i for pair in zip(a, b) for i in pair] for a, b in zip(*batches)]
+    assert len(single) == 2 and interleaved[:2] == single
     flat = [i for bb in batches for b in bb for i in b]
     assert len(flat) == 24 and set(flat) == set(range(n))  # 23 samples + 1 wrapped around
 
