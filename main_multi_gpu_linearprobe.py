@@ -21,13 +21,11 @@ def main():
         utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info,
                               require_head=args.eval)
     optim.freeze_for_linear_probe(model)
-    val_loader = datasets.build_loader(config, datasets.build_dataset(config, is_train=False),
-                                       is_train=False)
+    val_loader = datasets.loader_for(config, is_train=False)
     if args.eval:
         engine.evaluate_only(model, val_loader, config)
         return
-    loader = datasets.build_loader(config, datasets.build_dataset(config, is_train=True),
-                                   is_train=True)
+    loader = datasets.loader_for(config, is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())
     engine.fit(config, model, optimizer, loader, logger, val_loader=val_loader,
                criterion=mixup.build_criterion(config), scaler=engine.build_scaler(config))

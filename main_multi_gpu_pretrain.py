@@ -16,8 +16,7 @@ import transformer  # noqa: E402
 
 def main():
     config, _, logger = utils.setup('pretrain')
-    loader = datasets.build_loader(config, datasets.build_dataset(config, is_train=True),
-                                   is_train=True)
+    loader = datasets.loader_for(config, is_train=True)
     model = transformer.build_model(config)
     if config.MODEL.PRETRAINED:
         utils.load_pretrained(model, config.MODEL.PRETRAINED, config, logger.info)
