@@ -244,27 +244,29 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy
         os.replace(tmp, dst)
 
 
+def load_file(path, what):
+    """paddle.load(path); a missing or unreadable file is a UserError naming it as `what`."""
+    if not os.path.isfile(path):
+        raise UserError(f'{what} not found: {path}')
+    try:
+        return paddle.load(path)
+    except Exception as e:
+        raise UserError(f'cannot read {what} {path}: {e}') from None
+
+
 def load_checkpoint_pair(prefix):
     """-> (model_state, opt_dict) for prefix.pdparams / prefix.pdopt, checking they belong
     together; raises UserError naming the file otherwise."""
     params, opt = prefix + '.pdparams', prefix + '.pdopt'
-    for f in (params, opt):
-        if not os.path.isfile(f):
-            raise UserError(f'checkpoint file not found: {f}')
-    try:
-        opt_state = paddle.load(opt)
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {opt}: {e}') from None
+    if not os.path.isfile(params):
+        raise UserError(f'checkpoint file not found: {params}')
+    opt_state = load_file(opt, 'checkpoint file')
     if not isinstance(opt_state, dict) or 'state' not in opt_state:
         raise UserError(f'{opt} is not a checkpoint written by this project')
     fp = opt_state.get('model_fingerprint')
     if fp is not None and fp != _fingerprint(params):
         raise UserError(f'{params} and {opt} are from different saves (interrupted save?)')
-    try:
-        model_state = paddle.load(params)
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {params}: {e}') from None
-    return model_state, opt_state
+    return load_file(params, 'checkpoint file'), opt_state
 
 
 def find_resume_checkpoint(output_dir):
@@ -307,12 +309,7 @@ def load_pretrained(model, path, config, log=print, require_head=False):
     keys that were missing or unused. Returns (missing, unused).
     """
     import transformer
-    if not os.path.isfile(path):
-        raise UserError(f'pretrained weights not found: {path}')
-    try:
-        state = paddle.load(path)
-    except Exception as e:
-        raise UserError(f'cannot read pretrained weights {path}: {e}') from None
+    state = load_file(path, 'pretrained weights')
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
     if not isinstance(state, dict) or 'pos_embed' not in state:

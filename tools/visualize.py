@@ -32,9 +32,7 @@ def load_mae(config, weights):
     """The MAE model of a pre-training config with weights that include the decoder."""
     if config.TRAIN.MODE != 'pretrain':
         raise utils.UserError('visualize needs a pre-training config (*_pretrain.yaml)')
-    if not os.path.isfile(weights):
-        raise utils.UserError(f'weights not found: {weights}')
-    state = paddle.load(weights)
+    state = utils.load_file(weights, 'weights')
     if 'decoder_pred.weight' not in state:
         raise utils.UserError(
             f'{weights} has no decoder (an encoder-only checkpoint such as '
