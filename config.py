@@ -35,6 +35,7 @@ _C.MODEL.GLOBAL_POOL = True           # classifier: mean of patch tokens + fc_no
 _C.MODEL.DROP_PATH = 0.0              # stochastic depth rate of the last block (classifier)
 _C.MODEL.MASK_RATIO = 0.75            # pre-training: fraction of patches removed
 _C.MODEL.NORM_PIX_LOSS = False        # pre-training: per-patch normalised pixel targets
+_C.MODEL.RECOMPUTE = False            # activation checkpointing of every block (GPU memory, L/H)
 _C.MODEL.PRETRAINED = ''              # .pdparams to start from (fine-tune / probe / eval)
 _C.MODEL.RESUME = ''                  # checkpoint prefix to resume, or 'auto'
 _C.MODEL.ENCODER = CN()
@@ -61,6 +62,8 @@ _C.TRAIN.LAYER_DECAY = 1.0            # layer-wise lr decay; 1.0 = off
 _C.TRAIN.ACCUM_ITER = 1               # gradient accumulation steps per optimizer step
 _C.TRAIN.GRAD_CLIP = 0.0              # max global grad norm; 0 = off
 _C.TRAIN.AMP = ''                     # '' (fp32) | 'float16' | 'bfloat16' (GPU only)
+_C.TRAIN.AMP_LEVEL = 'O1'             # 'O1': autocast (fp32 weights) | 'O2': half weights + fp32
+                                      # master weights in AdamW
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'AdamW'     # 'AdamW' | 'LARS'
 _C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.95]
@@ -89,6 +92,7 @@ CHOICES = {
     'DATA.ON_BAD_IMAGE': ('error', 'skip'),
     'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe'),
     'TRAIN.AMP': ('', 'float16', 'bfloat16'),
+    'TRAIN.AMP_LEVEL': ('O1', 'O2'),
     'TRAIN.OPTIMIZER.NAME': ('AdamW', 'LARS'),
     'TRAIN.RANDOM_ERASE_MODE': ('pixel', 'rand', 'const'),
 }

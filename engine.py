@@ -30,11 +30,26 @@ def masking_noise(config, epoch, iteration, global_batch, num_patches, rank, loc
     return paddle.to_tensor(noise[rank::world][:local_batch])
 
 
-def _amp_context(config):
-    amp = config.TRAIN.AMP
-    if not amp or not paddle.is_compiled_with_cuda():
+def _amp_on(config):
+    return bool(config is not None and config.TRAIN.AMP and paddle.is_compiled_with_cuda())
+
+
+def amp_context(config):
+    """paddle.amp.auto_cast for TRAIN.AMP / AMP_LEVEL on GPU; a no-op in fp32 and on CPU."""
+    if not _amp_on(config):
         return contextlib.nullcontext()
-    return paddle.amp.auto_cast(enable=True, dtype=amp, level='O1')
+    return paddle.amp.auto_cast(enable=True, dtype=config.TRAIN.AMP, level=config.TRAIN.AMP_LEVEL)
+
+
+def prepare_amp(config, model, optimizer):
+    """AMP O2 on GPU: weights cast to TRAIN.AMP in place (norm layers stay float32), AdamW
+    keeps float32 master weights, checkpoints are saved in float32. Call after resuming, so the
+    master weights come from the checkpoint. O1 and fp32: unchanged."""
+    if _amp_on(config) and config.TRAIN.AMP_LEVEL == 'O2':
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2',
+                                               dtype=config.TRAIN.AMP, master_weight=True,
+                                               save_dtype='float32')
+    return model, optimizer
 
 
 def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, scaler=None,
@@ -65,7 +80,7 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
             optimizer.set_lr(lr)
         utils.seed_everything(config.SEED, epoch, it, rank)
         images = batch[0]
-        with _amp_context(config):
+        with amp_context(config):
             if is_mae:
                 noise = masking_noise(config, epoch, it, images.shape[0] * world,
                                       net.patch_embed.num_patches, rank, images.shape[0])
@@ -122,8 +137,9 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
 
 
 @paddle.no_grad()
-def evaluate(model, loader):
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole eval set.
+def evaluate(model, loader, config=None):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole eval set (under the
+    config's AMP autocast, when given).
 
     Sums are all-reduced, so with an eval sampler that gives each image to exactly one process,
     n counts every image once whatever the number of processes.
@@ -181,6 +197,7 @@ def fit(config, model, optimizer, train_loader, logger, val_loader=None, mixup_f
         start_epoch, start_iter, best = state['epoch'], state['iter'], state.get('best_acc1')
         logger.info(f'resumed from {prefix}: epoch {start_epoch}, iteration {start_iter}')
         _truncate_log(config.OUTPUT, start_epoch)
+    model, optimizer = prepare_amp(config, model, optimizer)
     net = model
     if world > 1:
         model = paddle.DataParallel(model)
@@ -204,7 +221,7 @@ def fit(config, model, optimizer, train_loader, logger, val_loader=None, mixup_f
         record = {'epoch': epoch, **stats}
         last = epoch + 1 == config.TRAIN.NUM_EPOCHS
         if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
-            val = evaluate(model, val_loader)
+            val = evaluate(model, val_loader, config)
             best = max(best or 0.0, val['val_acc1'])
             record.update({k: val[k] for k in ('val_acc1', 'val_acc5', 'val_loss')})
             logger.info(f'epoch {epoch} val: acc1 {val["val_acc1"]:.2f} acc5 '
@@ -246,7 +263,7 @@ def evaluate_only(model, val_loader, config):
     import json
     if not config.MODEL.PRETRAINED:
         raise utils.UserError('-eval needs the weights to evaluate: -pretrained FILE.pdparams')
-    result = evaluate(model, val_loader)
+    result = evaluate(model, val_loader, config)
     if utils.is_main_process():
         print(json.dumps(result), flush=True)
     return result

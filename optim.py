@@ -10,6 +10,8 @@ from collections import OrderedDict
 
 import paddle
 
+from config import ConfigError
+
 
 def effective_batch(config, world_size):
     return config.DATA.BATCH_SIZE * config.TRAIN.ACCUM_ITER * world_size
@@ -87,7 +89,10 @@ def build_optimizer(model, config, world_size):
     grad_clip = paddle.nn.ClipGradByGlobalNorm(t.GRAD_CLIP) if t.GRAD_CLIP > 0 else None
     if t.OPTIMIZER.NAME == 'LARS':
         if grad_clip is not None:
-            raise ValueError('TRAIN.GRAD_CLIP is not supported with TRAIN.OPTIMIZER.NAME LARS')
+            raise ConfigError('TRAIN.GRAD_CLIP is not supported with TRAIN.OPTIMIZER.NAME LARS')
+        if t.AMP and t.AMP_LEVEL == 'O2':
+            raise ConfigError('TRAIN.AMP_LEVEL O2 needs TRAIN.OPTIMIZER.NAME AdamW (LARS keeps no '
+                              'float32 master weights); use O1')
         return LARS([(n, params[n]) for n in rules], learning_rate=base,
                     weight_decay=t.WEIGHT_DECAY, momentum=t.OPTIMIZER.MOMENTUM)
     groups = OrderedDict()

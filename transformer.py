@@ -97,37 +97,95 @@ def interpolate_pos_embed(pos_embed, new_grid_size, num_extra_tokens=1):
 # ----------------------------------------------------------------------------------------------
 # Blocks shared by the encoder and the decoder
 # ----------------------------------------------------------------------------------------------
-class _LinearGemm(PyLayer):
-    """y = x @ W + b on a 2-D x, with every gradient computed as one GEMM.
+# Training on CPU: the Linear layers (and the attention's head reshapes around them) run as
+# PyLayers whose backward passes are written out as GEMMs. Written by hand because, in Paddle's
+# CPU kernels, the bias gradient (a column sum of the output gradient) is ~30x slower than the
+# same sum as ones @ g, and every recorded reshape costs a full copy in backward (reshape_grad
+# copies): views taken inside a PyLayer are not recorded. Numbers: benchmarks/README.md.
+def _gemm_backward(x2, weight, g2, need_x):
+    """x2 [M, K] @ weight [K, O] + b = y2 [M, O]: -> grad_x2 (or None), grad_w, grad_b."""
+    grad_x = paddle.matmul(g2, weight, transpose_y=True) if need_x else None
+    grad_w = None if weight.stop_gradient else paddle.matmul(x2, g2, transpose_x=True)
+    grad_b = paddle.matmul(paddle.ones([1, g2.shape[0]], g2.dtype), g2).reshape([-1])
+    return grad_x, grad_w, grad_b
 
-    Written by hand because Paddle's CPU kernel for the bias gradient (a column sum of the
-    output gradient) is ~30x slower than the same sum as ones @ g (DESIGN.md section 6).
-    """
+
+class _LinearGemm(PyLayer):
+    """y = x @ W + b for x of any rank (a 2-D view for the GEMMs)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return paddle.addmm(bias.unsqueeze(0), x, weight)
+        y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+        return y.reshape(x.shape[:-1] + [weight.shape[1]])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensor()
-        grad_x = None if x.stop_gradient else paddle.matmul(grad, weight, transpose_y=True)
-        grad_w = None if weight.stop_gradient else paddle.matmul(x, grad, transpose_x=True)
-        grad_b = paddle.matmul(paddle.ones([1, grad.shape[0]], grad.dtype), grad).reshape([-1])
-        return grad_x, grad_w, grad_b
+        gx, gw, gb = _gemm_backward(x.reshape([-1, x.shape[-1]]), weight,
+                                    grad.reshape([-1, grad.shape[-1]]), not x.stop_gradient)
+        return (None if gx is None else gx.reshape(x.shape)), gw, gb
+
+
+class _QKVHeads(PyLayer):
+    """The attention's qkv Linear, x (N, L, D) -> q * Dh**-0.5, k, v, each (N, H, L, Dh)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads):
+        n, l, d = x.shape
+        dh = d // num_heads
+        ctx.save_for_backward(x, weight)
+        ctx.scale = dh ** -0.5
+        y = paddle.addmm(bias.unsqueeze(0), x.reshape([n * l, d]), weight)
+        t = y.reshape([n, l, 3, num_heads, dh]).transpose([2, 0, 3, 1, 4])
+        if hasattr(t, 'contiguous'):  # Paddle 3 may transpose as a strided view
+            t = t.contiguous()
+        q, k, v = paddle.unbind(t, axis=0)
+        return q * ctx.scale, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        x, weight = ctx.saved_tensor()
+        n, h, l, dh = gk.shape
+        g = paddle.stack([gq * ctx.scale, gk, gv]).transpose([1, 3, 0, 2, 4])
+        g2 = g.reshape([n * l, 3 * h * dh])
+        gx, gw, gb = _gemm_backward(x.reshape([n * l, h * dh]), weight, g2,
+                                    not x.stop_gradient)
+        return (None if gx is None else gx.reshape(x.shape)), gw, gb
+
+
+class _HeadsLinear(PyLayer):
+    """The attention's output projection on per-head outputs, o (N, H, L, Dh) -> (N, L, D')."""
+
+    @staticmethod
+    def forward(ctx, o, weight, bias):
+        n, h, l, dh = o.shape
+        o2 = o.transpose([0, 2, 1, 3]).reshape([n * l, h * dh])
+        ctx.save_for_backward(o2, weight)
+        ctx.shape = o.shape
+        return paddle.addmm(bias.unsqueeze(0), o2, weight).reshape([n, l, weight.shape[1]])
+
+    @staticmethod
+    def backward(ctx, grad):
+        o2, weight = ctx.saved_tensor()
+        n, h, l, dh = ctx.shape
+        gx, gw, gb = _gemm_backward(o2, weight, grad.reshape([n * l, grad.shape[-1]]), True)
+        return gx.reshape([n, l, h, dh]).transpose([0, 2, 1, 3]), gw, gb
+
+
+def _gemm_path(linear, x):
+    """Whether a Linear trains through the PyLayers above (CPU, dynamic graph, with a bias)."""
+    return (linear.training and linear.bias is not None and paddle.in_dynamic_mode()
+            and x.place.is_cpu_place() and not linear.bias.stop_gradient)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) that trains faster on CPU: inputs flattened to 2-D
-    and the backward pass as GEMMs (_LinearGemm). Elsewhere (GPU, eval, export) F.linear."""
+    """nn.Linear (same parameters and names) that trains faster on CPU (_LinearGemm).
+    Elsewhere (GPU, eval, export) F.linear."""
 
     def forward(self, x):
-        if (self.training and self.bias is not None and paddle.in_dynamic_mode()
-                and x.place.is_cpu_place() and not self.bias.stop_gradient):
-            lead = x.shape[:-1]
-            y = _LinearGemm.apply(x.reshape([-1, x.shape[-1]]), self.weight, self.bias)
-            return y.reshape(list(lead) + [y.shape[-1]])
+        if _gemm_path(self, x):
+            return _LinearGemm.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -166,8 +224,14 @@ class Attention(nn.Layer):
 
     def forward(self, x):
         n, l, d = x.shape
-        # split, not unbind: the gradient of split is a fast concat. Paddle's attention takes
-        # (N, L, H, Dh), so no head transpose is needed
+        if _gemm_path(self.qkv, x) and _gemm_path(self.proj, x):
+            # CPU training: softmax((q * Dh**-0.5) k^T) v with the head layout changes inside
+            # the PyLayers, so only the two matmuls and the softmax are recorded
+            q, k, v = _QKVHeads.apply(x, self.qkv.weight, self.qkv.bias, self.num_heads)
+            attn = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+            return _HeadsLinear.apply(paddle.matmul(attn, v), self.proj.weight, self.proj.bias)
+        # elsewhere scaled_dot_product_attention (flash attention on GPU), which takes
+        # (N, L, H, Dh); split, not unbind: the gradient of split is a fast concat
         shape = [n, l, self.num_heads, self.head_dim]
         q, k, v = [t.reshape(shape) for t in paddle.split(self.qkv(x), 3, axis=-1)]
         x = F.scaled_dot_product_attention(q, k, v, training=self.training)
@@ -218,6 +282,24 @@ class Block(nn.Layer):
         return x
 
 
+def run_blocks(blocks, x, recompute=False):
+    """x through the blocks in turn. recompute (training only): activation checkpointing -- each
+    block's activations are recomputed in the backward pass instead of kept (Paddle's recompute,
+    which replays the RNG state, so drop-path draws the same samples), trading ~1/3 more compute
+    for activation memory of ViT-L/H on small GPUs."""
+    for blk in blocks:
+        if recompute and blk.training and not x.stop_gradient:
+            x = _recompute(blk, x)
+        else:
+            x = blk(x)
+    return x
+
+
+def _recompute(layer, x):
+    from paddle.distributed.fleet.utils import recompute  # imports the distributed package
+    return recompute(layer, x)
+
+
 def _init_linear_and_norm(layer, linear_init):
     if isinstance(layer, nn.Linear):
         linear_init(layer.weight)
@@ -255,9 +337,10 @@ class MaskedAutoencoderViT(nn.Layer):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4., norm_pix_loss=False):
+                 mlp_ratio=4., norm_pix_loss=False, recompute=False):
         super().__init__()
         self.in_chans = in_chans
+        self.recompute = recompute
         self.norm_pix_loss = norm_pix_loss
 
         # encoder
@@ -339,8 +422,7 @@ class MaskedAutoencoderViT(nn.Layer):
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand([x.shape[0], -1, -1])
         x = paddle.concat([cls, x], axis=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.recompute)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
@@ -352,8 +434,7 @@ class MaskedAutoencoderViT(nn.Layer):
         x_ = _gather_tokens(x_, ids_restore)  # unshuffle
         x = paddle.concat([x[:, :1, :], x_], axis=1)
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = run_blocks(self.decoder_blocks, x, self.recompute)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]
@@ -407,9 +488,11 @@ class VisionTransformer(nn.Layer):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, mlp_ratio=4., drop_path_rate=0., global_pool=True):
+                 depth=12, num_heads=12, mlp_ratio=4., drop_path_rate=0., global_pool=True,
+                 recompute=False):
         super().__init__()
         self.global_pool = global_pool
+        self.recompute = recompute
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -450,8 +533,7 @@ class VisionTransformer(nn.Layer):
         x = self.patch_embed(imgs)
         cls = self.cls_token.expand([x.shape[0], -1, -1])
         x = paddle.concat([cls, x], axis=1) + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.recompute)
         if self.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(axis=1))
         return self.norm(x)[:, 0]
@@ -539,7 +621,7 @@ def build_model(config):
     enc = m.ENCODER
     kwargs = dict(img_size=config.DATA.IMAGE_SIZE, patch_size=enc.PATCH_SIZE,
                   embed_dim=enc.EMBED_DIM, depth=enc.DEPTH, num_heads=enc.NUM_HEADS,
-                  mlp_ratio=enc.MLP_RATIO)
+                  mlp_ratio=enc.MLP_RATIO, recompute=m.RECOMPUTE)
     if is_mae:
         dec = m.DECODER
         kwargs.update(decoder_embed_dim=dec.EMBED_DIM, decoder_depth=dec.DEPTH,

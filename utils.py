@@ -80,6 +80,19 @@ import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
 
+def _configure_paddle_cpu():
+    """CPU-only Paddle: tensor views off (FLAGS_use_stride_kernel). With views on, a transpose or
+    slice is strided and the next op copies it with a generic strided kernel ~15x slower than
+    Paddle's transpose kernel (a [8, 197, 16, 128] transpose here: 31 ms vs 2 ms), which cost a
+    MAE ViT-B training step ~1 s (benchmarks/README.md). Nothing here relies on a view aliasing
+    its source; values are the same either way."""
+    if not paddle.is_compiled_with_cuda():
+        paddle.set_flags({'FLAGS_use_stride_kernel': False})
+
+
+_configure_paddle_cpu()
+
+
 class UserError(Exception):
     """A mistake the user can fix (path, file, config value): printed without a traceback."""
 

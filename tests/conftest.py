@@ -6,5 +6,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Before Paddle is imported anywhere: MKL's fast code path on AMD CPUs (DESIGN.md section 6).
-os.environ.setdefault('MKL_DEBUG_CPU_TYPE', '5')
+# Before Paddle is imported anywhere: the CPU set-up of the entry points (threads, MKL's fast
+# code path on AMD CPUs, Paddle flags), so the tests run the code as users run it.
+import utils  # noqa: E402,F401

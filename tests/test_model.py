@@ -95,6 +95,9 @@ def test_build_model_follows_config():
     assert m.pos_embed.shape == [1, 1 + 12 * 12, c.MODEL.ENCODER.EMBED_DIM]
     assert m.head.weight.shape == [c.MODEL.ENCODER.EMBED_DIM, c.MODEL.NUM_CLASSES]
     assert m.blocks[-1].drop_path.drop_prob == pytest.approx(c.MODEL.DROP_PATH)
+    assert not m.recompute
+    c.MODEL.RECOMPUTE = True
+    assert T.build_model(c).recompute
     c.MODEL.NAME = 'mae_vit_tiny_patch4'
     with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_tiny_patch4' does not fit "
                                          "TRAIN.MODE 'finetune'"):
@@ -131,3 +134,34 @@ def test_drop_path_is_per_sample_and_off_in_eval():
     assert 0 < (per_sample[:, 0] == 0).sum() < 64
     dp.eval()
     np.testing.assert_array_equal(dp(x).numpy(), x.numpy())
+
+
+@pytest.mark.parametrize('which', ['mae', 'vit'])
+def test_recompute_gives_the_same_loss_and_gradients(which):
+    """MODEL.RECOMPUTE (activation checkpointing) changes memory, not numbers: same loss and
+    gradients, drop-path draws included (Paddle's recompute replays the RNG state)."""
+    def run(recompute):
+        paddle.seed(0)
+        if which == 'mae':
+            model = T.MaskedAutoencoderViT(**TINY, recompute=recompute)
+            imgs = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 32, 32), 'float32')
+            noise = paddle.to_tensor(np.random.RandomState(1).rand(2, 64), 'float32')
+            paddle.seed(1)
+            loss = model(imgs, 0.75, noise)[0]
+        else:
+            kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
+            model = T.VisionTransformer(**kw, num_classes=5, drop_path_rate=0.5,
+                                        recompute=recompute)
+            imgs = paddle.to_tensor(np.random.RandomState(0).randn(4, 3, 32, 32), 'float32')
+            paddle.seed(1)
+            loss = model(imgs).square().mean()
+        assert model.training
+        loss.backward()
+        return float(loss), {n: p.grad.numpy() for n, p in model.named_parameters()
+                             if p.grad is not None}
+    loss0, grads0 = run(False)
+    loss1, grads1 = run(True)
+    assert loss1 == loss0
+    assert grads0.keys() == grads1.keys() and 'blocks.0.attn.qkv.weight' in grads0
+    for name in grads0:
+        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, err_msg=name)

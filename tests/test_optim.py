@@ -68,7 +68,15 @@ def test_linear_probe_trains_only_head():
     model = transformer.build_model(c)
     optim.freeze_for_linear_probe(model)
     assert set(optim.param_rules(model, c)) == {'head.1.weight', 'head.1.bias'}
+    assert isinstance(optim.build_optimizer(model, c, 1), paddle.optimizer.AdamW)  # tiny config
+    c = cfg('tiny_linearprobe', TRAIN__OPTIMIZER__NAME='LARS')  # the official recipe's
     assert isinstance(optim.build_optimizer(model, c, 1), optim.LARS)
+    for key, value, message in (('TRAIN.GRAD_CLIP', '1.0', 'TRAIN.GRAD_CLIP is not supported'),
+                                ('TRAIN.AMP_LEVEL', 'O2', 'TRAIN.AMP_LEVEL O2 needs')):
+        bad = cfg('tiny_linearprobe', TRAIN__OPTIMIZER__NAME='LARS', TRAIN__AMP='bfloat16',
+                  **{key.replace('.', '__'): value})
+        with pytest.raises(cfgmod.ConfigError, match=message):
+            optim.build_optimizer(model, bad, 1)
 
 
 def test_schedule_warmup_cosine():

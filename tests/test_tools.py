@@ -149,3 +149,26 @@ def test_export_and_predict_match_dynamic_model(demo, tmp_path):
         assert [c for c, _ in line['topk']] == np.argsort(-logits)[:3].tolist()
         probs = [p for _, p in line['topk']]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_memory_estimate_counts_the_real_model():
+    import memory_estimate as mem
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
+    total, trained = mem.parameter_counts(c)
+    model = transformer.build_model(c)
+    assert total == sum(int(np.prod(p.shape)) for p in model.parameters())
+    assert trained == sum(int(np.prod(p.shape)) for p in model.parameters()
+                          if not p.stop_gradient) < total  # fixed sin-cos embeddings
+    fp32 = mem.estimate(c, '', 'O1', False)
+    assert fp32['states'] * 2 ** 30 == pytest.approx(4 * total + 12 * trained)
+    # encoder 1 + 16 visible tokens x 128, decoder 1 + 64 tokens x 96, per block and image
+    per_image = 4 * (17 * 17 * 128 + 4 * 17 ** 2) + 2 * (17 * 65 * 96 + 4 * 65 ** 2)
+    assert fp32['activations'] * 2 ** 30 == pytest.approx(4 * 64 * per_image)
+    o2_recompute = mem.estimate(c, 'bfloat16', 'O2', True)
+    assert o2_recompute['activations'] < fp32['activations'] / 4
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'memory_estimate.py'),
+                        '--all'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith('| vit_')]
+    assert len(rows) == 9 and 'n/a' in rows[2]  # LARS refuses O2
+    assert '| 632.0 |' in rows[7]  # ViT-H/14 with 1000 classes: 632.0 M parameters, as timm's

@@ -121,7 +121,8 @@ def test_linear_probe_keeps_encoder_frozen(data, pretrained, tmp_path):
     out = str(tmp_path / 'probe')
     run('main_multi_gpu_linearprobe.py', 'tiny_linearprobe.yaml', '-data_path', data,
         '-output', out, '-batch_size', '16', '-pretrained', ckpt,
-        opts=TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'DATA.NUM_WORKERS', '0'])
+        opts=TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'DATA.NUM_WORKERS', '0',
+                              'TRAIN.OPTIMIZER.NAME', 'LARS', 'TRAIN.BASE_LR', '0.1'])
     before, after = params(ckpt), params(os.path.join(out, 'latest.pdparams'))
     encoder = [k for k in after if not k.startswith('head.')]
     assert encoder and all(np.array_equal(after[k], before[k]) for k in encoder)
