@@ -310,7 +310,7 @@ class DropPath(nn.Layer):
         keep = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
-        return x / keep * mask
+        return x * (mask / keep)  # scale the [N, 1, 1] mask, not x (as timm)
 
 
 class Block(nn.Layer):

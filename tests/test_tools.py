@@ -172,3 +172,24 @@ def test_memory_estimate_counts_the_real_model():
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith('| vit_')]
     assert len(rows) == 9 and 'n/a' in rows[2]  # LARS refuses O2
     assert '| 632.0 |' in rows[7]  # ViT-H/14 with 1000 classes: 632.0 M parameters, as timm's
+
+
+@pytest.mark.parametrize('args', [
+    ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6'],
+    ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6',
+     '--reference', 'torch'],
+    ['-cfg', 'configs/tiny_pretrain.yaml', '--batch-size', '4', '--steps', '1'],
+    ['-cfg', 'configs/tiny_finetune.yaml', '--batch-size', '4', '--steps', '1',
+     '--reference', 'torch'],
+])
+def test_benchmark_modes_report_img_per_s(args):
+    """Every mode runs and ends with `img/s: X` (no speed is asserted: that is not a test)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py')] + args,
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith('img/s: ') and float(lines[-1].split()[1]) > 0
+    if '--data' in args:
+        assert '-> (3, 224, 224)' in r.stdout
+    else:
+        assert 'ms per step' in lines[-2]

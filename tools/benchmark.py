@@ -15,7 +15,9 @@
     settings are set up as in the entry points (utils.py).
 
     ... --reference torch
-    the same step in PyTorch, as a user runs it (torch's default threads, no environment
+    the same measurement of the PyTorch reference: with --data, timm's create_transform for the
+    config's recipe and timm's loader (PIL open + convert); otherwise the same step in PyTorch,
+    as a user runs it (torch's default threads, no environment
     changes): HF transformers' ViTMAEForPreTraining for pre-training configs, timm's
     VisionTransformer (global pool) for fine-tuning ones; AdamW with the config's betas. Needs
     requirements-test.txt.
@@ -105,9 +107,44 @@ def write_jpegs(folder, count=48, seed=0):
     return paths, f'{count} generated JPEGs of {sizes} from {what}'
 
 
+def timm_train_transform(config):
+    """timm's create_transform with the config's fine-tuning recipe (the official MAE builds its
+    fine-tuning transform this way), and timm's image loader (PIL open + convert RGB)."""
+    import timm.data.auto_augment as timm_aa
+    from timm.data import create_transform
+    d, t = config.DATA, config.TRAIN
+
+    def posterize(img, bits, **_):  # timm's fails on Pillow >= 11 at 0 bits: old Pillow's black
+        return Image.new(img.mode, img.size) if bits <= 0 else timm_aa.posterize(img, bits)
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        timm_aa.NAME_TO_OP[name] = posterize
+    transform = create_transform(
+        input_size=d.IMAGE_SIZE, is_training=True, scale=tuple(t.RRC_SCALE),
+        auto_augment=t.RAND_AUGMENT or None, interpolation='bicubic',
+        re_prob=t.RANDOM_ERASE_PROB, re_mode=t.RANDOM_ERASE_MODE, re_count=t.RANDOM_ERASE_COUNT,
+        mean=tuple(d.MEAN), std=tuple(d.STD))
+
+    def load(path):
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    return transform, load
+
+
 def bench_data(config, args):
-    """Images per second of load_rgb + the configured transform, one process. -> float"""
-    transform = datasets.build_transform(not args.eval_transform, config)
+    """Images per second of decoding + the training transform, one process: this project's
+    (datasets.load_rgb + build_transform) or, with --reference torch, timm's. -> float"""
+    if args.reference == 'torch':
+        import random
+        import torch
+        transform, load = timm_train_transform(config)
+        kind = 'timm create_transform'
+        random.seed(config.SEED)
+        torch.manual_seed(config.SEED)
+    else:
+        transform = datasets.build_transform(not args.eval_transform, config)
+        load = datasets.load_rgb
+        kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
+        datasets.seed_augmentation(config.SEED, 0, 0, 0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data_path:
             paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'),
@@ -118,18 +155,16 @@ def bench_data(config, args):
             source = f'{len(paths)} images under {args.data_path}'
         else:
             paths, source = write_jpegs(tmp)
-        datasets.seed_augmentation(config.SEED, 0, 0, 0)
         for p in paths[:10]:  # warm-up: file cache, lazy imports
-            transform(datasets.load_rgb(p))
+            transform(load(p))
         decode = 0.0
         start = time.perf_counter()
         for i in range(args.images):
             t0 = time.perf_counter()
-            img = datasets.load_rgb(paths[i % len(paths)])
+            img = load(paths[i % len(paths)])
             decode += time.perf_counter() - t0
             out = transform(img)
         elapsed = time.perf_counter() - start
-    kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
     print(f'data: {source}')
     print(f'data: {kind} transform -> {tuple(out.shape)} {out.dtype}; {args.images} images, '
           f'{1000 * elapsed / args.images:.2f} ms each, of which decoding '
@@ -232,16 +267,16 @@ def main(argv=None):
     global datasets
     args = parse_args(argv)
     errors = (config_lib.ConfigError,)
-    if args.reference is None:  # the torch reference runs as a user runs it: no env changes
+    if args.data or args.reference is None:  # (the torch model step runs as users run it)
         import utils  # noqa: F401  (CPU environment as in the entry points, before Paddle)
         import datasets
         errors += (utils.UserError,)
     try:
         config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)
-        if args.reference == 'torch':
-            rate = bench_torch_reference(config, args)
-        elif args.data:
+        if args.data:
             rate = bench_data(config, args)
+        elif args.reference == 'torch':
+            rate = bench_torch_reference(config, args)
         else:
             rate = bench_model(config, args)
     except errors as e:
