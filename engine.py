@@ -153,7 +153,9 @@ def evaluate(model, loader, config=None):
         keep = labels.numpy() >= 0  # -1: an unreadable image replaced (ON_BAD_IMAGE skip)
         if not keep.any():
             continue
-        logits = net(images)
+        with amp_context(config):
+            logits = net(images)
+        logits = logits.astype('float32')
         if not keep.all():
             idx = paddle.to_tensor(np.nonzero(keep)[0])
             logits, labels = paddle.gather(logits, idx), paddle.gather(labels, idx)
