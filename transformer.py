@@ -218,7 +218,8 @@ class LayerNorm(nn.LayerNorm):
         if (_cpu_training(self, x) and self.weight is not None and self.bias is not None
                 and not self.weight.stop_gradient):
             return _LayerNormRows.apply(x, self.weight, self.bias, self._epsilon)
-        return super().forward(x)
+        # (not super().forward: Paddle 2.6's dy2static, used by export, cannot convert super())
+        return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
 
 
 def _gemm_path(linear, x):
