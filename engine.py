@@ -31,7 +31,7 @@ def masking_noise(config, epoch, iteration, global_batch, num_patches, rank, loc
 
 
 def _amp_on(config):
-    return bool(config is not None and config.TRAIN.AMP and paddle.is_compiled_with_cuda())
+    return bool(config.TRAIN.AMP and paddle.is_compiled_with_cuda())
 
 
 def amp_context(config):
@@ -137,9 +137,9 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
 
 
 @paddle.no_grad()
-def evaluate(model, loader, config=None):
+def evaluate(model, loader, config):
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole eval set (under the
-    config's AMP autocast, when given).
+    config's AMP autocast).
 
     Sums are all-reduced, so with an eval sampler that gives each image to exactly one process,
     n counts every image once whatever the number of processes.

@@ -336,17 +336,11 @@ def run_blocks(blocks, x, recompute=False):
     block's activations are recomputed in the backward pass instead of kept (Paddle's recompute,
     which replays the RNG state, so drop-path draws the same samples), trading ~1/3 more compute
     for activation memory of ViT-L/H on small GPUs."""
+    if recompute:
+        from paddle.distributed.fleet.utils import recompute as checkpointed  # (heavy import)
     for blk in blocks:
-        if recompute and blk.training and not x.stop_gradient:
-            x = _recompute(blk, x)
-        else:
-            x = blk(x)
+        x = checkpointed(blk, x) if recompute and blk.training and not x.stop_gradient else blk(x)
     return x
-
-
-def _recompute(layer, x):
-    from paddle.distributed.fleet.utils import recompute  # imports the distributed package
-    return recompute(layer, x)
 
 
 def _init_linear_and_norm(layer, linear_init):

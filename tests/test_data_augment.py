@@ -1,5 +1,7 @@
 """augment.py against timm's RandAugment: op by op, policy parsing, whole policies on seeds."""
+import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -8,18 +10,14 @@ from PIL import Image
 import data_helpers as H
 import augment
 import datasets
+from conftest import ROOT
 
 AA = pytest.importorskip('timm.data.auto_augment')
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+from benchmark import TIMM_POSTERIZE_OPS, timm_posterize_as_old_pillow  # noqa: E402
 
 FILL = (124, 116, 104)  # ImageNet mean pixel, as timm's create_transform passes it
 TIMM_HPARAMS = dict(translate_const=100, img_mean=FILL, interpolation=Image.BICUBIC)
-
-
-def timm_posterize_as_old_pillow(img, bits, **_):
-    """timm's posterize fails on Pillow >= 11 with 0 bits; old Pillow returned black."""
-    if bits <= 0:
-        return Image.new(img.mode, img.size)
-    return AA.posterize(img, bits)
 
 
 @pytest.fixture(scope='module')
@@ -118,7 +116,7 @@ def test_bad_policy_in_config_is_a_config_error():
 @pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-m9-n3-mstd101-p0.9',
                                     'rand-tweights-m7', 'rand-m10-mmax15-mstd2-inc1'])
 def test_whole_policy_equals_timm_on_fixed_seeds(policy, photos, monkeypatch):
-    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    for name in TIMM_POSTERIZE_OPS:
         monkeypatch.setitem(AA.NAME_TO_OP, name, timm_posterize_as_old_pillow)
     ours = augment.rand_augment_transform(policy, img_size=224)
     theirs = AA.rand_augment_transform(policy, dict(TIMM_HPARAMS))

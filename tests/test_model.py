@@ -136,31 +136,35 @@ def test_drop_path_is_per_sample_and_off_in_eval():
     np.testing.assert_array_equal(dp(x).numpy(), x.numpy())
 
 
+def tiny_loss_and_grads(which, **model_kw):
+    """Loss and parameter gradients of one training step of a tiny MAE ('mae', fixed masking
+    noise) or ViT classifier ('vit', cross-entropy), from fixed seeds."""
+    paddle.seed(0)
+    if which == 'mae':
+        model = T.MaskedAutoencoderViT(**TINY, **model_kw)
+        imgs = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 32, 32), 'float32')
+        noise = paddle.to_tensor(np.random.RandomState(1).rand(2, 64), 'float32')
+        paddle.seed(1)
+        loss = model(imgs, 0.75, noise)[0]
+    else:
+        kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
+        model = T.VisionTransformer(**kw, num_classes=5, **model_kw)
+        imgs = paddle.to_tensor(np.random.RandomState(0).randn(3, 3, 32, 32), 'float32')
+        paddle.seed(1)
+        loss = paddle.nn.functional.cross_entropy(model(imgs), paddle.to_tensor([0, 3, 4]))
+    assert model.training
+    loss.backward()
+    return float(loss), {n: p.grad.numpy() for n, p in model.named_parameters()
+                         if p.grad is not None}
+
+
 @pytest.mark.parametrize('which', ['mae', 'vit'])
 def test_recompute_gives_the_same_loss_and_gradients(which):
     """MODEL.RECOMPUTE (activation checkpointing) changes memory, not numbers: same loss and
     gradients, drop-path draws included (Paddle's recompute replays the RNG state)."""
-    def run(recompute):
-        paddle.seed(0)
-        if which == 'mae':
-            model = T.MaskedAutoencoderViT(**TINY, recompute=recompute)
-            imgs = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 32, 32), 'float32')
-            noise = paddle.to_tensor(np.random.RandomState(1).rand(2, 64), 'float32')
-            paddle.seed(1)
-            loss = model(imgs, 0.75, noise)[0]
-        else:
-            kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
-            model = T.VisionTransformer(**kw, num_classes=5, drop_path_rate=0.5,
-                                        recompute=recompute)
-            imgs = paddle.to_tensor(np.random.RandomState(0).randn(4, 3, 32, 32), 'float32')
-            paddle.seed(1)
-            loss = model(imgs).square().mean()
-        assert model.training
-        loss.backward()
-        return float(loss), {n: p.grad.numpy() for n, p in model.named_parameters()
-                             if p.grad is not None}
-    loss0, grads0 = run(False)
-    loss1, grads1 = run(True)
+    kw = {} if which == 'mae' else {'drop_path_rate': 0.5}
+    loss0, grads0 = tiny_loss_and_grads(which, recompute=False, **kw)
+    loss1, grads1 = tiny_loss_and_grads(which, recompute=True, **kw)
     assert loss1 == loss0
     assert grads0.keys() == grads1.keys() and 'blocks.0.attn.qkv.weight' in grads0
     for name in grads0:
@@ -171,24 +175,11 @@ def test_recompute_gives_the_same_loss_and_gradients(which):
 def test_cpu_training_kernels_equal_paddle_ops(which, monkeypatch):
     """The hand-written CPU training path (Linear / attention / LayerNorm PyLayers) gives the
     loss and every gradient of the same model trained with Paddle's own ops."""
-    def run(kernels):
-        monkeypatch.setattr(T, 'CPU_KERNELS', kernels)
-        paddle.seed(0)
-        if which == 'mae':
-            model = T.MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
-            imgs = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 32, 32), 'float32')
-            noise = paddle.to_tensor(np.random.RandomState(1).rand(2, 64), 'float32')
-            loss = model(imgs, 0.75, noise)[0]
-        else:
-            kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
-            model = T.VisionTransformer(**kw, num_classes=5)
-            imgs = paddle.to_tensor(np.random.RandomState(0).randn(3, 3, 32, 32), 'float32')
-            loss = paddle.nn.functional.cross_entropy(model(imgs), paddle.to_tensor([0, 3, 4]))
-        loss.backward()
-        return float(loss), {n: p.grad.numpy() for n, p in model.named_parameters()
-                             if p.grad is not None}
-    loss_ref, grads_ref = run(False)
-    loss, grads = run(True)
+    kw = {'norm_pix_loss': True} if which == 'mae' else {}
+    monkeypatch.setattr(T, 'CPU_KERNELS', False)
+    loss_ref, grads_ref = tiny_loss_and_grads(which, **kw)
+    monkeypatch.setattr(T, 'CPU_KERNELS', True)
+    loss, grads = tiny_loss_and_grads(which, **kw)
     assert loss == pytest.approx(loss_ref, rel=1e-6)
     assert grads.keys() == grads_ref.keys() and len(grads) > 20
     for name in grads:

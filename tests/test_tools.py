@@ -166,9 +166,7 @@ def test_memory_estimate_counts_the_real_model():
     assert fp32['activations'] * 2 ** 30 == pytest.approx(4 * 64 * per_image)
     o2_recompute = mem.estimate(c, 'bfloat16', 'O2', True)
     assert o2_recompute['activations'] < fp32['activations'] / 4
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'memory_estimate.py'),
-                        '--all'], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = cli('memory_estimate.py', '--all')
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith('| vit_')]
     assert len(rows) == 9 and 'n/a' in rows[2]  # LARS refuses O2
     assert '| 632.0 |' in rows[7]  # ViT-H/14 with 1000 classes: 632.0 M parameters, as timm's
@@ -184,9 +182,7 @@ def test_memory_estimate_counts_the_real_model():
 ])
 def test_benchmark_modes_report_img_per_s(args):
     """Every mode runs and ends with `img/s: X` (no speed is asserted: that is not a test)."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py')] + args,
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli('benchmark.py', *args)
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith('img/s: ') and float(lines[-1].split()[1]) > 0
     if '--data' in args:

@@ -107,17 +107,24 @@ def write_jpegs(folder, count=48, seed=0):
     return paths, f'{count} generated JPEGs of {sizes} from {what}'
 
 
+TIMM_POSTERIZE_OPS = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
+
+
+def timm_posterize_as_old_pillow(img, bits, **_):
+    """timm's posterize fails on Pillow >= 11 with 0 bits; old Pillow returned black. Put in
+    timm's NAME_TO_OP for TIMM_POSTERIZE_OPS (here and by the RandAugment tests)."""
+    import timm.data.auto_augment as timm_aa
+    return Image.new(img.mode, img.size) if bits <= 0 else timm_aa.posterize(img, bits)
+
+
 def timm_train_transform(config):
     """timm's create_transform with the config's fine-tuning recipe (the official MAE builds its
     fine-tuning transform this way), and timm's image loader (PIL open + convert RGB)."""
     import timm.data.auto_augment as timm_aa
     from timm.data import create_transform
     d, t = config.DATA, config.TRAIN
-
-    def posterize(img, bits, **_):  # timm's fails on Pillow >= 11 at 0 bits: old Pillow's black
-        return Image.new(img.mode, img.size) if bits <= 0 else timm_aa.posterize(img, bits)
-    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-        timm_aa.NAME_TO_OP[name] = posterize
+    for name in TIMM_POSTERIZE_OPS:
+        timm_aa.NAME_TO_OP[name] = timm_posterize_as_old_pillow
     transform = create_transform(
         input_size=d.IMAGE_SIZE, is_training=True, scale=tuple(t.RRC_SCALE),
         auto_augment=t.RAND_AUGMENT or None, interpolation='bicubic',

@@ -33,8 +33,9 @@ sys.path.insert(0, ROOT)
 import config as config_lib  # noqa: E402
 
 GIB = 2.0 ** 30
-SETTINGS = (('fp32', '', False), ('AMP O1', 'bfloat16', False), ('AMP O2', 'bfloat16', False),
-            ('AMP O2 + recompute', 'bfloat16', True))
+SETTINGS = (('fp32', '', 'O1', False), ('AMP O1', 'bfloat16', 'O1', False),  # label, AMP,
+            ('AMP O2', 'bfloat16', 'O2', False),                              # level, recompute
+            ('AMP O2 + recompute', 'bfloat16', 'O2', True))
 OFFICIAL = [f'vit_{size}_{stage}' for size in ('base_patch16_224', 'large_patch16_224',
                                                 'huge_patch14_224')
             for stage in ('pretrain', 'finetune', 'linearprobe')]
@@ -93,8 +94,7 @@ def table(names):
         c = config_lib.get_config(os.path.join(ROOT, 'configs', name + '.yaml'))
         counts = parameter_counts(c)
         cells = []
-        for label, amp, recompute in SETTINGS:
-            level = 'O2' if 'O2' in label else 'O1'
+        for _, amp, level, recompute in SETTINGS:
             if level == 'O2' and c.TRAIN.OPTIMIZER.NAME != 'AdamW':
                 cells.append('n/a')  # LARS: O2 is refused (no master weights)
             else:
