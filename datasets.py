@@ -1,5 +1,5 @@
-"""Data: list-file and class-folder datasets, robust RGB loading, the official MAE transforms,
-and the training / evaluation loaders.
+"""Data: list-file and class-folder datasets, robust RGB loading, and the training / evaluation
+loaders (the image transforms are augment.py's).
 
 Data folder (DESIGN.md 3.3): DATA_PATH/train_list.txt and DATA_PATH/val_list.txt, one image a
 line, `relative/path [label]` (paths relative to DATA_PATH; the label is optional for
@@ -22,27 +22,27 @@ them before transforming sample i from (SEED, epoch, i): augmentations differ be
 and epochs, yet repeat exactly when a run is repeated or resumed mid-epoch, whatever
 NUM_WORKERS or the number of processes. The sample order is a permutation drawn from
 (SEED, epoch), the same on every process.
+
+Samples are (image, label, sample id): the id is the sample's identity in its data source
+(here its index in the list or folder), so that what belongs to a sample -- its augmentation
+seed, its pre-training mask (tasks.masking_noise) -- follows it into any batch on any process.
 """
 import gc
 import logging
 import math
 import multiprocessing
 import os
-import random
 import traceback
 
-import utils  # first: sets the CPU environment before Paddle loads
+import numpy as np
+import paddle
+from paddle.io import DataLoader, Dataset, DistributedBatchSampler
+from paddle.io.dataloader.collate import default_collate_fn
+from PIL import Image, ImageOps
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from paddle.io import DataLoader, Dataset, DistributedBatchSampler  # noqa: E402
-from paddle.io.dataloader.collate import default_collate_fn  # noqa: E402
-from paddle.vision import transforms as T  # noqa: E402
-from paddle.vision.transforms import functional as TF  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from augment import BICUBIC, rand_augment_transform  # noqa: E402
-from config import ConfigError  # noqa: E402
+import utils
+from augment import build_transform
+from config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def _reason(exc):
 # ------------------------------------------------------------------------------------ datasets
 
 class ImageDataset(Dataset):
-    """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64).
+    """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64 label,
+    int64 sample id = the index).
 
     paths: file paths; labels: ints; transform: PIL RGB image -> array (None: the PIL image).
     on_bad_image: 'error' raises BadImageError naming the file; 'skip' uses the next readable
@@ -194,7 +195,7 @@ class ImageDataset(Dataset):
         self._loader_error.value = b''
 
     def __getitem__(self, index):
-        """-> (transformed image [3, H, W] float32, int64 label)."""
+        """-> (transformed image [3, H, W] float32, int64 label, int64 sample id)."""
         try:
             return self._load_sample(index)
         except Exception as e:
@@ -208,15 +209,15 @@ class ImageDataset(Dataset):
             with self._loader_error.get_lock():
                 if not self._loader_error.value:
                     self._loader_error.value = record.encode('utf-8')[:_ERROR_BYTES - 1]
-            return self._placeholder()
+            return self._placeholder(index)
 
-    def _placeholder(self):
+    def _placeholder(self, index):
         img = Image.new('RGB', (1, 1))
         try:
             img = self.transform(img) if self.transform else img
         except Exception:
             img = np.zeros((3, 1, 1), np.float32)
-        return img, np.int64(IGNORE_LABEL)
+        return img, np.int64(IGNORE_LABEL), np.int64(index)
 
     def _load_sample(self, index):
         n = len(self)
@@ -237,10 +238,11 @@ class ImageDataset(Dataset):
             if attempt and self.mark_skipped:
                 label = IGNORE_LABEL
             if self.augment_seed is not None:
-                seed_augmentation(self.augment_seed, self.augment_epoch, index)
+                utils.seed_everything(self.augment_seed, self.augment_epoch, index,
+                                      include_paddle=False)
             if self.transform is not None:
                 img = self.transform(img)
-            return img, np.int64(label)
+            return img, np.int64(label), np.int64(index)
         raise DataError(f'{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row, starting at '
                         f'{self.describe(index)}: is DATA.DATA_PATH the right folder?')
 
@@ -352,7 +354,8 @@ def _images_under(folder):
 def build_dataset(config, is_train, transform=None):
     """The training or validation dataset of config.DATA (list file first, else a folder of
     class sub-folders: DATA_PATH/train or DATA_PATH/val), with build_transform's transform
-    unless one is given. Labels are required except for pre-training's training set."""
+    unless one is given. Labels are required except for a training set of a task that needs
+    none (pre-training)."""
     d = config.DATA
     if not d.DATA_PATH:
         raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
@@ -360,7 +363,8 @@ def build_dataset(config, is_train, transform=None):
         raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
     if transform is None:
         transform = build_transform(is_train, config)
-    need_labels = not is_train or config.TRAIN.MODE != 'pretrain'
+    import tasks  # (lazy: the task says whether its training set needs labels)
+    need_labels = not is_train or tasks.get_task(config).needs_labels
     common = dict(transform=transform, require_labels=need_labels,
                   num_classes=config.MODEL.NUM_CLASSES if need_labels else None,
                   on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train)
@@ -375,183 +379,7 @@ def build_dataset(config, is_train, transform=None):
                     f'nor a folder {os.path.basename(folder)}/ of class sub-folders')
 
 
-# ---------------------------------------------------------------------------------- transforms
-
-class ToCHWArray:
-    """PIL RGB image -> float32 array [3, H, W] in [0, 1], torchvision ToTensor's arithmetic.
-
-    Written here because paddle's ToTensor returns a paddle.Tensor; loader workers hand NumPy
-    arrays to the collate function instead.
-    """
-
-    def __call__(self, img):
-        chw = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1),
-                                   dtype=np.float32)
-        chw /= np.float32(255.0)
-        return chw
-
-
-class ResizeCenterCrop:
-    """Resize the shorter side to `resize` (bicubic), then take the centre `crop` x `crop`:
-    paddle's Resize and CenterCrop, whose size and offset rounding equal torchvision's.
-
-    For aspect ratios above 64:1 the full resize is huge (1x1000 pixels -> 256x256000), so only
-    the centre band the crop keeps is resampled, through PIL's resize box; this band path is
-    the one hand-written part and matches the full resize to within PIL's rounding.
-    """
-
-    MAX_ASPECT = 64
-
-    def __init__(self, resize, crop):
-        self.resize_op = T.Resize(resize, interpolation='bicubic')
-        self.crop_op = T.CenterCrop(crop)
-        self.resize, self.crop = resize, crop
-
-    def __call__(self, img):
-        w, h = img.size
-        if max(w, h) <= self.MAX_ASPECT * min(w, h):
-            return self.crop_op(self.resize_op(img))
-        if w < h:
-            ow, oh = self.resize, int(self.resize * h / w)
-        else:
-            ow, oh = int(self.resize * w / h), self.resize
-        top = int(round((oh - self.crop) / 2.0))
-        left = int(round((ow - self.crop) / 2.0))
-        sx, sy = w / ow, h / oh
-        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
-        return img.resize((self.crop, self.crop), BICUBIC, box=box)
-
-
-class RandomResizedCropNoRetry:
-    """RandomResizedCrop of the official MAE linear probing (util/crop.py, after BYOL's TF
-    code): one draw of area fraction and log-aspect, the crop clamped to the image (and to at
-    least 1 pixel), no retry loop and no centre-crop fallback; then a bicubic resize to `size`.
-    Paddle's RandomResizedCrop retries up to 10 times like torchvision's, hence this class.
-    """
-
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size = (size, size)
-        self.scale = scale
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-
-    def __call__(self, img):
-        width, height = img.size
-        target_area = width * height * random.uniform(*self.scale)
-        aspect = math.exp(random.uniform(*self.log_ratio))
-        w = min(max(1, int(round(math.sqrt(target_area * aspect)))), width)
-        h = min(max(1, int(round(math.sqrt(target_area / aspect)))), height)
-        top = random.randint(0, height - h)
-        left = random.randint(0, width - w)
-        return TF.resize(TF.crop(img, top, left, h, w), self.size, 'bicubic')
-
-
-class RandomErasing:
-    """timm's RandomErasing on a normalised float32 [C, H, W] array, as the official MAE
-    fine-tuning applies it per image after Normalize.
-
-    With probability `prob`, erase `max_count` boxes (a random count in 1..max_count when
-    max_count > 1), each covering 2 %..33 % of the image divided by the count, log-uniform
-    aspect 0.3..3.33, 10 tries to fit. mode 'pixel': per-pixel standard normal values; 'rand':
-    one normal value per channel; 'const': zeros. Written here because paddle's RandomErasing
-    reads NumPy input as HWC, scales random values by 255 and has no box count.
-    """
-
-    def __init__(self, prob=0.25, mode='pixel', max_count=1, min_area=0.02, max_area=1 / 3,
-                 min_aspect=0.3):
-        if mode not in ('pixel', 'rand', 'const'):
-            raise ConfigError(f"TRAIN.RANDOM_ERASE_MODE is {mode!r}; choose pixel, rand or const")
-        self.prob = prob
-        self.mode = mode
-        self.max_count = max(1, int(max_count))
-        self.area = (min_area, max_area)
-        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-
-    def _values(self, shape):
-        if self.mode == 'pixel':
-            return np.random.standard_normal(shape).astype(np.float32)
-        if self.mode == 'rand':
-            return np.random.standard_normal((shape[0], 1, 1)).astype(np.float32)
-        return np.float32(0.0)
-
-    def __call__(self, img):
-        if random.random() > self.prob:
-            return img
-        chans, img_h, img_w = img.shape
-        count = 1 if self.max_count == 1 else random.randint(1, self.max_count)
-        for _ in range(count):
-            for _attempt in range(10):
-                target_area = random.uniform(*self.area) * img_h * img_w / count
-                aspect = math.exp(random.uniform(*self.log_aspect))
-                h = int(round(math.sqrt(target_area * aspect)))
-                w = int(round(math.sqrt(target_area / aspect)))
-                if w < img_w and h < img_h:
-                    top = random.randint(0, img_h - h)
-                    left = random.randint(0, img_w - w)
-                    img[:, top:top + h, left:left + w] = self._values((chans, h, w))
-                    break
-        return img
-
-
-def eval_crop_pct(config):
-    """DATA.CROP_PCT for IMAGE_SIZE <= 224; 1.0 above, as the official main_finetune does."""
-    return config.DATA.CROP_PCT if config.DATA.IMAGE_SIZE <= 224 else 1.0
-
-
-def build_transform(is_train, config):
-    """A callable PIL RGB image -> float32 array [3, IMAGE_SIZE, IMAGE_SIZE].
-
-    Evaluation: Resize(int(size / crop_pct), bicubic) on the shorter side, CenterCrop(size),
-    scale to [0, 1], Normalize(MEAN, STD).
-    Training, by TRAIN.MODE: RandomResizedCrop(size, TRAIN.RRC_SCALE, bicubic) -- the official
-    linear probing's single-draw variant for 'linearprobe' -- then horizontal flip, RandAugment
-    (TRAIN.RAND_AUGMENT, if set), scale + Normalize, RandomErasing (TRAIN.RANDOM_ERASE_*, if
-    the probability is > 0). The base configs give the official recipes: pre-training RRC scale
-    (0.2, 1); fine-tuning (0.08, 1) + rand-m9-mstd0.5-inc1 + erasing 0.25 'pixel' x1.
-    """
-    d, t = config.DATA, config.TRAIN
-    size = d.IMAGE_SIZE
-    finish = [ToCHWArray(), T.Normalize(mean=list(d.MEAN), std=list(d.STD), data_format='CHW')]
-    if not is_train:
-        crop_pct = eval_crop_pct(config)
-        if not 0 < crop_pct <= 1:
-            raise ConfigError(f'DATA.CROP_PCT must be in (0, 1], got {crop_pct}')
-        return T.Compose([ResizeCenterCrop(int(size / crop_pct), size)] + finish)
-
-    scale = tuple(t.RRC_SCALE)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f'TRAIN.RRC_SCALE must be [low, high] with 0 < low <= high <= 1, '
-                          f'got {list(t.RRC_SCALE)}')
-    if t.MODE == 'linearprobe':
-        crop = RandomResizedCropNoRetry(size, scale=scale)
-    else:
-        crop = T.RandomResizedCrop(size, scale=scale, interpolation='bicubic')
-    ops = [crop, T.RandomHorizontalFlip()]
-    if t.RAND_AUGMENT:
-        try:
-            ops.append(rand_augment_transform(t.RAND_AUGMENT, img_size=size, mean=d.MEAN))
-        except ValueError as e:
-            raise ConfigError(f'TRAIN.RAND_AUGMENT: {e}') from None
-    ops += finish
-    if t.RANDOM_ERASE_PROB > 0:
-        if t.RANDOM_ERASE_PROB > 1:
-            raise ConfigError(f'TRAIN.RANDOM_ERASE_PROB must be in [0, 1], '
-                              f'got {t.RANDOM_ERASE_PROB}')
-        ops.append(RandomErasing(t.RANDOM_ERASE_PROB, t.RANDOM_ERASE_MODE,
-                                 t.RANDOM_ERASE_COUNT))
-    return T.Compose(ops)
-
-
 # ------------------------------------------------------------------------------------- loaders
-
-def seed_augmentation(*keys):
-    """Seed Python's `random` and NumPy's global RNG -- the ones the transforms and Mixup draw
-    from -- from a tuple of non-negative ints, e.g. (SEED, epoch, sample index), mixed by
-    NumPy's SeedSequence (about 40 us, under 1 % of a training image's transform). Paddle's
-    generator is left alone."""
-    state = np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(4)
-    np.random.seed(state)
-    random.seed(int(state[0]) << 32 | int(state[1]))
-
 
 class TrainBatchSampler(DistributedBatchSampler):
     """Shuffled batches of one process out of `num_replicas`.
@@ -560,7 +388,7 @@ class TrainBatchSampler(DistributedBatchSampler):
     by wrapping around to a multiple of num_replicas; process r takes positions r, r + R, ...
     of it. So global batch k (positions k*B*R to (k+1)*B*R - 1) is the batch k of one process
     with batch B*R: R processes see the same global batches as one process, and all processes
-    get the same number of batches. engine.masking_noise deals its noise out the same way.
+    get the same number of batches (so 1 and R processes take the same optimizer steps).
     set_epoch(e, k) fixes the epoch (a resumed run gets the same order) and makes the next pass
     start at batch k (resuming mid-epoch; len() stays the full epoch's). A full pass moves on
     to the next epoch by itself, so forgetting set_epoch does not repeat one order forever.
@@ -579,7 +407,7 @@ class TrainBatchSampler(DistributedBatchSampler):
 
     def indices(self):
         """This process's sample indices for the current epoch, in order."""
-        order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(
+        order = utils.rng(self.seed, self.epoch, 'order').permutation(
             len(self.dataset))
         order = np.resize(order, self.total_size)  # wrap-around padding
         return order[self.local_rank::self.nranks]
@@ -630,7 +458,8 @@ class _SeedWorker:
         self.sampler, self.seed, self.rank = sampler, seed, rank
 
     def __call__(self, worker_id):
-        seed_augmentation(self.seed, self.sampler.epoch, self.rank, worker_id)
+        utils.seed_everything(self.seed, self.sampler.epoch, self.rank, worker_id,
+                              include_paddle=False)
 
 
 class EpochDataLoader(DataLoader):
@@ -714,7 +543,8 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
 
     Training: DATA.BATCH_SIZE, shuffled from (SEED, epoch), drop_last, seeded workers; call
     loader.set_epoch(epoch) before each epoch. Evaluation: DATA.BATCH_SIZE_EVAL, each image on
-    exactly one process. Batches are (images float32 [B, 3, H, W], labels int64 [B]).
+    exactly one process. Batches are (images float32 [B, 3, H, W], labels int64 [B], sample ids
+    int64 [B]).
     """
     if num_replicas is None:
         num_replicas = paddle.distributed.get_world_size()

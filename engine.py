@@ -1,14 +1,20 @@
-"""The one training loop (train_one_epoch) and evaluation (evaluate) all three stages share."""
+"""The one training loop all tasks share: run(mode) assembles a stage from its task
+(tasks.py), fit() loops epochs (resume, train, validate, log, checkpoint), train_one_epoch()
+steps through one epoch. Nothing here branches on TRAIN.MODE: the task computes the loss,
+evaluates and names the metric that picks the best checkpoint.
+"""
 import contextlib
+import json
 import math
 import time
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
-import paddle.nn.functional as F
 
+import checkpoint
+import datasets
 import optim
+import tasks as tasks_lib
 import utils
 
 
@@ -16,45 +22,20 @@ class NonFiniteLoss(utils.UserError):
     """Training diverged; the message says where and which checkpoint is the last good one."""
 
 
-def masking_noise(config, epoch, iteration, global_batch, num_patches, rank, local_batch):
-    """Uniform masking noise for this process's share of the global batch.
-
-    Drawn for the whole global batch from (SEED, epoch, iteration) and sliced by rank the way
-    datasets.TrainBatchSampler deals a global batch out (process r gets positions r, r + R, ...):
-    the mask a sample gets does not depend on the number of processes, and a resumed run draws
-    the same ones.
-    """
-    rng = np.random.default_rng([config.SEED, epoch, iteration, 7])
-    noise = rng.random((global_batch, num_patches), dtype=np.float32)
-    world = global_batch // local_batch
-    return paddle.to_tensor(noise[rank::world][:local_batch])
-
-
-def _amp_on(config):
-    return bool(config.TRAIN.AMP and paddle.is_compiled_with_cuda())
-
-
-def amp_context(config):
-    """paddle.amp.auto_cast for TRAIN.AMP / AMP_LEVEL on GPU; a no-op in fp32 and on CPU."""
-    if not _amp_on(config):
-        return contextlib.nullcontext()
-    return paddle.amp.auto_cast(enable=True, dtype=config.TRAIN.AMP, level=config.TRAIN.AMP_LEVEL)
-
-
 def prepare_amp(config, model, optimizer):
     """AMP O2 on GPU: weights cast to TRAIN.AMP in place (norm layers stay float32), AdamW
     keeps float32 master weights, checkpoints are saved in float32. Call after resuming, so the
     master weights come from the checkpoint. O1 and fp32: unchanged."""
-    if _amp_on(config) and config.TRAIN.AMP_LEVEL == 'O2':
+    if utils.amp_on(config) and config.TRAIN.AMP_LEVEL == 'O2':
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2',
                                                dtype=config.TRAIN.AMP, master_weight=True,
                                                save_dtype='float32')
     return model, optimizer
 
 
-def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, scaler=None,
-                    mixup_fn=None, criterion=None, start_iter=0, save_fn=None):
-    """One epoch of pre-training (MAE loss) or classification (fine-tune / linear probe).
+def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_lr, scaler=None,
+                    start_iter=0, save_fn=None):
+    """One epoch of the task's training loss.
 
     - lr follows optim.lr_at on the fractional epoch, set at each optimizer step;
     - gradients accumulate over TRAIN.ACCUM_ITER iterations (no all-reduce until the last);
@@ -69,8 +50,6 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
     accum = t.ACCUM_ITER
     num_iters = len(loader)
     distributed = isinstance(model, paddle.DataParallel)
-    net = model._layers if distributed else model
-    is_mae = t.MODE == 'pretrain'
     loss_sum, loss_count = 0.0, 0
     window_loss, window_n, window_start = 0.0, 0, time.time()
     lr = optimizer.get_lr()
@@ -79,17 +58,8 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
             lr = optim.lr_at(epoch + it / num_iters, config, peak_lr)
             optimizer.set_lr(lr)
         utils.seed_everything(config.SEED, epoch, it, rank)
-        images = batch[0]
-        with amp_context(config):
-            if is_mae:
-                noise = masking_noise(config, epoch, it, images.shape[0] * world,
-                                      net.patch_embed.num_patches, rank, images.shape[0])
-                loss = model(images, mask_ratio=config.MODEL.MASK_RATIO, noise=noise)[0]
-            else:
-                targets = batch[1]
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, targets)
-                loss = criterion(model(images), targets)
+        with utils.amp_context(config):
+            loss = task.loss(model, batch, epoch)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(
@@ -117,7 +87,7 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
         if (it + 1) % config.REPORT_FREQ == 0 or it + 1 == num_iters:
             elapsed = time.time() - window_start
             avg = utils.all_reduce_mean(window_loss / window_n)
-            ips = window_n * images.shape[0] * world / max(elapsed, 1e-9)
+            ips = window_n * batch[0].shape[0] * world / max(elapsed, 1e-9)
             per_iter = elapsed / window_n
             eta = per_iter * ((num_iters - it - 1) + (t.NUM_EPOCHS - epoch - 1) * num_iters)
             logger.info(f'epoch {epoch} [{it + 1}/{num_iters}] loss {avg:.4f} lr {lr:.3e} '
@@ -136,99 +106,59 @@ def train_one_epoch(model, loader, optimizer, epoch, config, logger, peak_lr, sc
     return stats
 
 
-@paddle.no_grad()
-def evaluate(model, loader, config):
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole eval set (under the
-    config's AMP autocast).
-
-    Sums are all-reduced, so with an eval sampler that gives each image to exactly one process,
-    n counts every image once whatever the number of processes.
-    """
-    net = model._layers if isinstance(model, paddle.DataParallel) else model
-    net.eval()
-    sums = np.zeros(4)  # correct@1, correct@5, loss sum, count
-    for batch in loader:
-        images, labels = batch[0], batch[1]
-        labels = labels.reshape([-1]).astype('int64')
-        keep = labels.numpy() >= 0  # -1: an unreadable image replaced (ON_BAD_IMAGE skip)
-        if not keep.any():
-            continue
-        with amp_context(config):
-            logits = net(images)
-        logits = logits.astype('float32')
-        if not keep.all():
-            idx = paddle.to_tensor(np.nonzero(keep)[0])
-            logits, labels = paddle.gather(logits, idx), paddle.gather(labels, idx)
-        loss = F.cross_entropy(logits, labels, reduction='sum')
-        k = min(5, logits.shape[1])
-        topk = paddle.topk(logits, k=k, axis=1)[1].numpy()
-        lab = labels.numpy()[:, None]
-        sums += [float((topk[:, :1] == lab).sum()), float((topk == lab).any(1).sum()),
-                 float(loss), len(lab)]
-    sums = utils.all_reduce_sum(sums)
-    n = int(round(sums[3]))
-    return {'val_acc1': 100.0 * sums[0] / max(n, 1), 'val_acc5': 100.0 * sums[1] / max(n, 1),
-            'val_loss': sums[2] / max(n, 1), 'n': n}
-
-
 def _hms(seconds):
     seconds = int(max(seconds, 0))
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def fit(config, model, optimizer, train_loader, logger, val_loader=None, mixup_fn=None,
-        criterion=None, scaler=None):
-    """The epoch loop all three stages share: resume, train, validate, log, checkpoint.
+def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, scaler=None):
+    """The epoch loop all tasks share: resume, train, validate, log, checkpoint.
 
-    log.txt gets one JSON object per epoch; latest.* is written after every epoch (and every
-    SAVE_FREQ_ITERS iterations), epoch_{N}.pdparams every SAVE_FREQ epochs and at the end.
+    log.txt gets one JSON object per epoch (with the task's metrics when it validates);
+    latest.* is written after every epoch (and every SAVE_FREQ_ITERS iterations),
+    epoch_{N}.pdparams every SAVE_FREQ epochs and at the end. Returns the best value of the
+    task's best_metric (None when it does not evaluate).
     """
     world = dist.get_world_size()
     peak = optim.peak_lr(config, world)
     start_epoch, start_iter, best = 0, 0, None
-    prefix = config.MODEL.RESUME
-    if prefix == 'auto':
-        prefix = utils.find_resume_checkpoint(config.OUTPUT)
-        if prefix is None:
-            logger.info(f'resume auto: no checkpoint in {config.OUTPUT}, starting from scratch')
-    elif prefix:
-        prefix = prefix[:-9] if prefix.endswith('.pdparams') else prefix
-        prefix = prefix[:-6] if prefix.endswith('.pdopt') else prefix
+    prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
     if prefix:
-        state = utils.resume(prefix, model, optimizer, scaler)
-        start_epoch, start_iter, best = state['epoch'], state['iter'], state.get('best_acc1')
+        state = checkpoint.resume(prefix, model, optimizer, scaler)
+        start_epoch, start_iter = state['epoch'], state['iter']
+        best = state.get('best', state.get('best_acc1'))
         logger.info(f'resumed from {prefix}: epoch {start_epoch}, iteration {start_iter}')
-        _truncate_log(config.OUTPUT, start_epoch)
+        logger.truncate(start_epoch)
     model, optimizer = prepare_amp(config, model, optimizer)
     net = model
     if world > 1:
         model = paddle.DataParallel(model)
-    logger.info(f'{config.TRAIN.MODE}: {world} process(es) x batch {config.DATA.BATCH_SIZE} x '
+    logger.info(f'{task.mode}: {world} process(es) x batch {config.DATA.BATCH_SIZE} x '
                 f'accum {config.TRAIN.ACCUM_ITER} = effective batch '
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
 
     def save(epoch, next_iter, epoch_copy=None):
-        utils.save_checkpoint(config.OUTPUT, net, optimizer,
-                              {'epoch': epoch, 'iter': next_iter, 'best_acc1': best},
-                              scaler, epoch_copy)
+        checkpoint.save_checkpoint(config.OUTPUT, net, optimizer,
+                                   {'epoch': epoch, 'iter': next_iter, 'best': best,
+                                    'best_metric': task.best_metric},
+                                   scaler, epoch_copy)
 
     for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
         start = time.time()
-        train_loader.batch_sampler.set_epoch(epoch, start_iter)
-        stats = train_one_epoch(model, train_loader, optimizer, epoch, config, logger, peak,
-                                scaler=scaler, mixup_fn=mixup_fn, criterion=criterion,
-                                start_iter=start_iter, save_fn=save)
+        train_loader.set_epoch(epoch, start_iter)
+        stats = train_one_epoch(task, model, train_loader, optimizer, epoch, config, logger,
+                                peak, scaler=scaler, start_iter=start_iter, save_fn=save)
         start_iter = 0
         record = {'epoch': epoch, **stats}
         last = epoch + 1 == config.TRAIN.NUM_EPOCHS
         if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
-            val = evaluate(model, val_loader, config)
-            best = max(best or 0.0, val['val_acc1'])
-            record.update({k: val[k] for k in ('val_acc1', 'val_acc5', 'val_loss')})
-            logger.info(f'epoch {epoch} val: acc1 {val["val_acc1"]:.2f} acc5 '
-                        f'{val["val_acc5"]:.2f} loss {val["val_loss"]:.4f} on {val["n"]} images '
-                        f'(best acc1 {best:.2f})')
+            metrics = task.evaluate(model, val_loader)
+            value = metrics[task.best_metric]
+            best = value if best is None else max(best, value)
+            record.update({k: v for k, v in metrics.items() if k != 'n'})
+            logger.info(f'epoch {epoch} val: {task.describe(metrics)} (best {task.best_metric} '
+                        f'{best:.2f})')
         record['epoch_time_s'] = round(time.time() - start, 1)
         logger.epoch(record)
         logger.scalars(epoch, **{k: v for k, v in record.items() if k != 'epoch'})
@@ -238,21 +168,6 @@ def fit(config, model, optimizer, train_loader, logger, val_loader=None, mixup_f
     return best
 
 
-def _truncate_log(output_dir, first_epoch):
-    """Drop log.txt lines of epochs that will be trained again after a resume."""
-    import json
-    import os
-    path = os.path.join(output_dir, 'log.txt')
-    if not utils.is_main_process() or not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get('epoch', -1) < first_epoch]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
 def build_scaler(config):
     """GradScaler for float16 AMP on GPU; None otherwise (fp32, bfloat16, CPU)."""
     if config.TRAIN.AMP == 'float16' and paddle.is_compiled_with_cuda():
@@ -260,12 +175,31 @@ def build_scaler(config):
     return None
 
 
-def evaluate_only(model, val_loader, config):
+def evaluate_only(task, model, val_loader, config):
     """-eval: evaluate MODEL.PRETRAINED and print the result as one JSON line (main process)."""
-    import json
     if not config.MODEL.PRETRAINED:
         raise utils.UserError('-eval needs the weights to evaluate: -pretrained FILE.pdparams')
-    result = evaluate(model, val_loader, config)
+    result = task.evaluate(model, val_loader)
     if utils.is_main_process():
         print(json.dumps(result), flush=True)
     return result
+
+
+def run(mode, argv=None):
+    """An entry point: flags -> config -> the task's model, data and optimizer -> fit (or,
+    with -eval, evaluate_only). main_multi_gpu_<mode>.py is this call."""
+    config, args, logger = utils.setup(mode, argv, can_eval=tasks_lib.TASKS[mode].best_metric
+                                       is not None)
+    task = tasks_lib.get_task(config)
+    model = task.build_model()
+    if config.MODEL.PRETRAINED:
+        task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info,
+                             eval_only=getattr(args, 'eval', False))
+    val_loader = datasets.loader_for(config, is_train=False) if task.evaluates else None
+    if getattr(args, 'eval', False):
+        evaluate_only(task, model, val_loader, config)
+        return
+    train_loader = datasets.loader_for(config, is_train=True)
+    optimizer = optim.build_optimizer(model, config, dist.get_world_size())
+    fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
+        scaler=build_scaler(config))

@@ -33,51 +33,52 @@ def lr_at(epoch, config, lr):
     return t.MIN_LR + (lr - t.MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def layer_id_for_vit(name, num_blocks):
-    """Official layer ids: 0 for cls_token / pos_embed / patch_embed, i + 1 for blocks.i,
-    num_blocks + 1 for everything after the blocks (norm, fc_norm, head)."""
-    if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
-        return 0
-    if name.startswith('blocks.'):
-        return int(name.split('.')[1]) + 1
-    return num_blocks + 1
+def find_encoder(model):
+    """(prefix, encoder) of the outermost sub-layer (the model itself included) that speaks the
+    encoder protocol of transformer.py -- layer_id(name), get_num_layers(), no_weight_decay() --
+    as timm's layer-decay code asks the model's group_matcher instead of parsing names itself.
+    prefix is '' for the model itself, 'backbone.' for a model that wraps it. (None, None) when
+    no sub-layer does."""
+    for name, layer in model.named_sublayers(include_self=True):
+        if callable(getattr(layer, 'layer_id', None)):
+            return (name + '.' if name else ''), layer
+    return None, None
 
 
 def param_rules(model, config):
     """-> OrderedDict name -> (lr_scale, weight_decay) for every trainable parameter.
 
-    pretrain:    decay all but 1-D params and biases (cls_token / mask_token ARE decayed).
-    finetune:    no decay for 1-D params, pos_embed, cls_token; layer-wise lr decay.
-    linearprobe: only the head trains (the rest is frozen by freeze_for_linear_probe); LARS
-                 itself skips decay and trust scaling for 1-D params.
+    Weight decay: none for 1-D params, biases and the encoder's no_weight_decay() names (the
+    ViT classifier: pos_embed, cls_token; the MAE model: none, so pre-training decays its
+    cls / mask tokens as the official one does). Layer-wise lr decay (TRAIN.LAYER_DECAY < 1):
+    lr_scale = LAYER_DECAY ** (L + 1 - layer_id), with L and the layer ids from the encoder;
+    parameters outside the encoder (a head, a neck) get layer id L + 1, i.e. scale 1. Frozen
+    parameters (stop_gradient, e.g. the linear probe's encoder) are left out.
     """
     t = config.TRAIN
     wd = t.WEIGHT_DECAY
-    no_decay_names = set(model.no_weight_decay()) if t.MODE == 'finetune' else set()
-    num_blocks = len(model.blocks)
+    prefix, encoder = find_encoder(model)
+    if encoder is None:
+        if t.LAYER_DECAY != 1.0:
+            raise ConfigError(f'TRAIN.LAYER_DECAY {t.LAYER_DECAY} needs a model whose encoder '
+                              f'supplies layer ids (transformer.py); {type(model).__name__} '
+                              f'has none')
+        prefix, depth, skip = None, 0, set()
+    else:
+        depth = encoder.get_num_layers()
+        skip = {prefix + n for n in encoder.no_weight_decay()}
     rules = OrderedDict()
     for name, p in model.named_parameters():
         if p.stop_gradient:
             continue
-        if t.MODE == 'pretrain':
-            decay = 0.0 if (p.ndim == 1 or name.endswith('.bias')) else wd
-        else:
-            decay = 0.0 if (p.ndim == 1 or name in no_decay_names) else wd
+        decay = 0.0 if (p.ndim == 1 or name.endswith('.bias') or name in skip) else wd
         scale = 1.0
         if t.LAYER_DECAY != 1.0:
-            scale = t.LAYER_DECAY ** (num_blocks + 1 - layer_id_for_vit(name, num_blocks))
+            inside = name.startswith(prefix)
+            layer_id = encoder.layer_id(name[len(prefix):]) if inside else depth + 1
+            scale = t.LAYER_DECAY ** (depth + 1 - layer_id)
         rules[name] = (scale, decay)
     return rules
-
-
-def freeze_for_linear_probe(model):
-    """Official linear probe: everything frozen but the head (BatchNorm + Linear)."""
-    for p in model.parameters():
-        p.stop_gradient = True
-    for layer in model.head.sublayers(include_self=True):
-        if isinstance(layer, paddle.nn.Linear):  # (BatchNorm statistics are not trained)
-            for p in layer.parameters(include_sublayers=False):
-                p.stop_gradient = False
 
 
 def build_optimizer(model, config, world_size):

@@ -9,12 +9,16 @@ Reading order, as in the official models_mae.py:
     VisionTransformer.forward    = forward_features -> forward_head
 """
 import math
+import numbers
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
+
+import cpu_kernels
+from config import ConfigError
+from cpu_kernels import LayerNorm, Linear  # nn.LayerNorm / nn.Linear, faster CPU training
 
 LAYER_NORM_EPS = 1e-6
 
@@ -97,147 +101,6 @@ def interpolate_pos_embed(pos_embed, new_grid_size, num_extra_tokens=1):
 # ----------------------------------------------------------------------------------------------
 # Blocks shared by the encoder and the decoder
 # ----------------------------------------------------------------------------------------------
-# Training on CPU: the Linear layers (and the attention's head reshapes around them) run as
-# PyLayers whose backward passes are written out as GEMMs. Written by hand because, in Paddle's
-# CPU kernels, the bias gradient (a column sum of the output gradient) is ~30x slower than the
-# same sum as ones @ g, and every recorded reshape costs a full copy in backward (reshape_grad
-# copies): views taken inside a PyLayer are not recorded. Numbers: benchmarks/README.md.
-CPU_KERNELS = True  # False: train with Paddle's own ops everywhere (same values, slower on CPU)
-
-
-def _cpu_training(layer, x):
-    return (CPU_KERNELS and layer.training and paddle.in_dynamic_mode()
-            and x.place.is_cpu_place())
-
-
-def _gemm_backward(x2, weight, g2, need_x):
-    """x2 [M, K] @ weight [K, O] + b = y2 [M, O]: -> grad_x2 (or None), grad_w, grad_b."""
-    grad_x = paddle.matmul(g2, weight, transpose_y=True) if need_x else None
-    grad_w = None if weight.stop_gradient else paddle.matmul(x2, g2, transpose_x=True)
-    grad_b = paddle.matmul(paddle.ones([1, g2.shape[0]], g2.dtype), g2).reshape([-1])
-    return grad_x, grad_w, grad_b
-
-
-class _LinearGemm(PyLayer):
-    """y = x @ W + b for x of any rank (a 2-D view for the GEMMs)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
-        return y.reshape(x.shape[:-1] + [weight.shape[1]])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensor()
-        gx, gw, gb = _gemm_backward(x.reshape([-1, x.shape[-1]]), weight,
-                                    grad.reshape([-1, grad.shape[-1]]), not x.stop_gradient)
-        return (None if gx is None else gx.reshape(x.shape)), gw, gb
-
-
-class _QKVHeads(PyLayer):
-    """The attention's qkv Linear, x (N, L, D) -> q * Dh**-0.5, k, v, each (N, H, L, Dh)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_heads):
-        n, l, d = x.shape
-        dh = d // num_heads
-        ctx.save_for_backward(x, weight)
-        ctx.scale = dh ** -0.5
-        y = paddle.addmm(bias.unsqueeze(0), x.reshape([n * l, d]), weight)
-        t = y.reshape([n, l, 3, num_heads, dh]).transpose([2, 0, 3, 1, 4])
-        if hasattr(t, 'contiguous'):  # Paddle 3 may transpose as a strided view
-            t = t.contiguous()
-        q, k, v = paddle.unbind(t, axis=0)
-        return q * ctx.scale, k, v
-
-    @staticmethod
-    def backward(ctx, gq, gk, gv):
-        x, weight = ctx.saved_tensor()
-        n, h, l, dh = gk.shape
-        g = paddle.stack([gq * ctx.scale, gk, gv]).transpose([1, 3, 0, 2, 4])
-        g2 = g.reshape([n * l, 3 * h * dh])
-        gx, gw, gb = _gemm_backward(x.reshape([n * l, h * dh]), weight, g2,
-                                    not x.stop_gradient)
-        return (None if gx is None else gx.reshape(x.shape)), gw, gb
-
-
-class _HeadsLinear(PyLayer):
-    """The attention's output projection on per-head outputs, o (N, H, L, Dh) -> (N, L, D')."""
-
-    @staticmethod
-    def forward(ctx, o, weight, bias):
-        n, h, l, dh = o.shape
-        o2 = o.transpose([0, 2, 1, 3]).reshape([n * l, h * dh])
-        ctx.save_for_backward(o2, weight)
-        ctx.shape = o.shape
-        return paddle.addmm(bias.unsqueeze(0), o2, weight).reshape([n, l, weight.shape[1]])
-
-    @staticmethod
-    def backward(ctx, grad):
-        o2, weight = ctx.saved_tensor()
-        n, h, l, dh = ctx.shape
-        gx, gw, gb = _gemm_backward(o2, weight, grad.reshape([n * l, grad.shape[-1]]), True)
-        return gx.reshape([n, l, h, dh]).transpose([0, 2, 1, 3]), gw, gb
-
-
-class _LayerNormRows(PyLayer):
-    """LayerNorm over the last axis: Paddle's forward kernel; the backward pass written out with
-    row sums as GEMVs, because Paddle's CPU layer_norm_grad is ~3x slower than these ops."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensor()
-        d = x.shape[-1]
-        x2, g2 = x.reshape([-1, d]), grad.reshape([-1, d])
-        ones = paddle.ones([d, 1], x.dtype)
-
-        def row_mean(t):
-            return paddle.matmul(t, ones).scale_(1.0 / d)
-        xhat = x2 - row_mean(x2)
-        rstd = paddle.rsqrt(row_mean(xhat * xhat) + ctx.eps)
-        xhat.multiply_(rstd)
-        gw = g2 * weight
-        grad_x = (gw - row_mean(gw)).subtract_(xhat * row_mean(gw * xhat)).multiply_(rstd)
-        ones_m = paddle.ones([1, x2.shape[0]], x.dtype)
-        grad_w = paddle.matmul(ones_m, g2 * xhat).reshape([-1])
-        grad_b = paddle.matmul(ones_m, g2).reshape([-1])
-        return grad_x.reshape(x.shape), grad_w, grad_b
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and names) that trains faster on CPU (_LayerNormRows)."""
-
-    def forward(self, x):
-        if (_cpu_training(self, x) and self.weight is not None and self.bias is not None
-                and not self.weight.stop_gradient):
-            return _LayerNormRows.apply(x, self.weight, self.bias, self._epsilon)
-        # (not super().forward: Paddle 2.6's dy2static, used by export, cannot convert super())
-        return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
-
-
-def _gemm_path(linear, x):
-    """Whether a Linear trains through the PyLayers above (CPU training, with a bias)."""
-    return (_cpu_training(linear, x) and linear.bias is not None
-            and not linear.bias.stop_gradient)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) that trains faster on CPU (_LinearGemm).
-    Elsewhere (GPU, eval, export) F.linear."""
-
-    def forward(self, x):
-        if _gemm_path(self, x):
-            return _LinearGemm.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
 class PatchEmbed(nn.Layer):
     """imgs (N, C, H, W) -> patch tokens (N, L, D), L = (H / p) * (W / p)."""
 
@@ -272,15 +135,11 @@ class Attention(nn.Layer):
         self.proj = Linear(dim, dim)
 
     def forward(self, x):
+        if cpu_kernels.attention_applies(self, x):  # CPU training: the same, faster
+            return cpu_kernels.attention(self, x)
         n, l, d = x.shape
-        if _gemm_path(self.qkv, x) and _gemm_path(self.proj, x):
-            # CPU training: softmax((q * Dh**-0.5) k^T) v with the head layout changes inside
-            # the PyLayers, so only the two matmuls and the softmax are recorded
-            q, k, v = _QKVHeads.apply(x, self.qkv.weight, self.qkv.bias, self.num_heads)
-            attn = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
-            return _HeadsLinear.apply(paddle.matmul(attn, v), self.proj.weight, self.proj.bias)
-        # elsewhere scaled_dot_product_attention (flash attention on GPU), which takes
-        # (N, L, H, Dh); split, not unbind: the gradient of split is a fast concat
+        # scaled_dot_product_attention (flash attention on GPU) takes (N, L, H, Dh);
+        # split, not unbind: the gradient of split is a fast concat
         shape = [n, l, self.num_heads, self.head_dim]
         q, k, v = [t.reshape(shape) for t in paddle.split(self.qkv(x), 3, axis=-1)]
         x = F.scaled_dot_product_attention(q, k, v, training=self.training)
@@ -373,9 +232,61 @@ def _fixed_param(layer, array):
 
 
 # ----------------------------------------------------------------------------------------------
+# The encoder's protocol (timm / BEiT names), shared by both models
+# ----------------------------------------------------------------------------------------------
+class EncoderProtocol:
+    """What optimisers and dense heads ask of a ViT encoder, for a model holding `patch_embed`,
+    `cls_token`, `pos_embed` and `blocks` (mixed into MaskedAutoencoderViT and VisionTransformer).
+
+    Parameter names are relative to the model (`blocks.3.attn.qkv.weight`); a model that wraps
+    the encoder under a prefix strips it before asking.
+    """
+
+    def get_num_layers(self):
+        """Number of encoder blocks (BEiT's name)."""
+        return len(self.blocks)
+
+    def layer_id(self, name):
+        """Layer id for layer-wise lr decay, the official rules (util/lr_decay.py,
+        get_layer_id_for_vit): 0 for cls_token / pos_embed / patch_embed.*, i + 1 for blocks.i.*,
+        get_num_layers() + 1 for everything after the blocks (norm, fc_norm, head, decoder ...)."""
+        if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed.'):
+            return 0
+        if name.startswith('blocks.'):
+            return int(name.split('.')[1]) + 1
+        return self.get_num_layers() + 1
+
+
+def take_indices(indices, num_blocks):
+    """timm's feature_take_indices: block indices -> sorted 0-based list without repeats.
+
+    indices: an int n = the last n blocks; or a list of block indices, negative ones counting
+    from the end (as Python indexing); None = every block. Out of range: ValueError.
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f'indices {indices}: an int takes the last n blocks, n from 1 to '
+                             f'{num_blocks} (the encoder has {num_blocks} blocks)')
+        return list(range(num_blocks - int(indices), num_blocks))
+    take = set()
+    for i in indices:
+        if (isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                or not -num_blocks <= i < num_blocks):
+            raise ValueError(f'block index {i!r} is out of range: the encoder has {num_blocks} '
+                             f'blocks, indices {-num_blocks} to {num_blocks - 1}')
+        take.add(int(i) % num_blocks)
+    if not take:
+        raise ValueError(f'indices is empty: give block indices from {-num_blocks} to '
+                         f'{num_blocks - 1}, or an int n for the last n blocks')
+    return sorted(take)
+
+
+# ----------------------------------------------------------------------------------------------
 # MAE pre-training model
 # ----------------------------------------------------------------------------------------------
-class MaskedAutoencoderViT(nn.Layer):
+class MaskedAutoencoderViT(EncoderProtocol, nn.Layer):
     """Masked Autoencoder with a ViT encoder and a light ViT decoder (He et al., 2021)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
@@ -416,6 +327,13 @@ class MaskedAutoencoderViT(nn.Layer):
         normal_(self.cls_token, 0.02)
         normal_(self.mask_token, 0.02)
         self.apply(lambda m: _init_linear_and_norm(m, xavier_uniform_))
+
+    def no_weight_decay(self):
+        """Parameter names exempt from weight decay beyond the 1-D ones: none. Official
+        pre-training (main_pretrain.py) builds its groups without a skip list, so cls_token and
+        mask_token ARE decayed (only 1-D parameters and biases are not); pos_embed and
+        decoder_pos_embed are fixed (not trained) anyway."""
+        return set()
 
     # -- shapes ---------------------------------------------------------------------------------
     def patchify(self, imgs):
@@ -523,7 +441,7 @@ def _gather_tokens(x, ids):
 # ----------------------------------------------------------------------------------------------
 # ViT classifier (fine-tuning / linear probing of the pre-trained encoder)
 # ----------------------------------------------------------------------------------------------
-class VisionTransformer(nn.Layer):
+class VisionTransformer(EncoderProtocol, nn.Layer):
     """ViT classifier with the official models_vit.py heads.
 
     global_pool=True: mean of the patch tokens (not cls) -> fc_norm -> head (no final `norm`).
@@ -569,14 +487,35 @@ class VisionTransformer(nn.Layer):
         zeros_(linear.bias)
 
     def no_weight_decay(self):
+        """Parameter names exempt from weight decay beyond the 1-D ones: timm's, which official
+        fine-tuning (main_finetune.py) passes on as its skip list."""
         return {'pos_embed', 'cls_token'}
+
+    def embed_tokens(self, imgs):
+        """imgs (N, C, H, W) -> tokens (N, 1 + L, D): cls token first, position embedded."""
+        x = self.patch_embed(imgs)
+        cls = self.cls_token.expand([x.shape[0], -1, -1])
+        return paddle.concat([cls, x], axis=1) + self.pos_embed
+
+    def forward_intermediates(self, imgs, indices=None):
+        """imgs (N, C, H, W) -> [(N, D, h, w)]: the outputs of the blocks `indices` (see
+        take_indices: 0-based, negative from the end, an int n = the last n blocks, None = all),
+        in block order, before any final norm, cls token dropped, on the patch grid. The same
+        tensors as timm's forward_intermediates(x, indices, norm=False, output_fmt='NCHW',
+        intermediates_only=True). Blocks after the last one taken are not run."""
+        take = take_indices(indices, self.get_num_layers())
+        x = self.embed_tokens(imgs)
+        n, grid, d = x.shape[0], self.patch_embed.grid_size, x.shape[-1]
+        out = []
+        for i in range(take[-1] + 1):
+            x = run_blocks([self.blocks[i]], x, self.recompute)
+            if i in take:
+                out.append(x[:, 1:, :].reshape([n, grid, grid, d]).transpose([0, 3, 1, 2]))
+        return out
 
     def forward_features(self, imgs):
         """imgs (N, C, H, W) -> pooled features (N, D)."""
-        x = self.patch_embed(imgs)
-        cls = self.cls_token.expand([x.shape[0], -1, -1])
-        x = paddle.concat([cls, x], axis=1) + self.pos_embed
-        x = run_blocks(self.blocks, x, self.recompute)
+        x = run_blocks(self.blocks, self.embed_tokens(imgs), self.recompute)
         if self.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(axis=1))
         return self.norm(x)[:, 0]
@@ -600,79 +539,101 @@ def add_linear_probe_head(model):
 # ----------------------------------------------------------------------------------------------
 # Factories and build_model
 # ----------------------------------------------------------------------------------------------
-_ARCHS = {  # name -> (patch, embed, depth, heads, decoder embed, decoder depth, decoder heads)
-    'tiny_patch4': (4, 128, 4, 4, 96, 2, 4),
-    'base_patch16': (16, 768, 12, 12, 512, 8, 16),
-    'large_patch16': (16, 1024, 24, 16, 512, 8, 16),
-    'huge_patch14': (14, 1280, 32, 16, 512, 8, 16),
+_SIZES = {  # the named sizes (official MAE / timm): label, encoder shape
+    'base_patch16': ('ViT-B/16', dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                      mlp_ratio=4.)),
+    'large_patch16': ('ViT-L/16', dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                       mlp_ratio=4.)),
+    'huge_patch14': ('ViT-H/14', dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                                      mlp_ratio=4.)),
 }
+MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # every size
+NAMED_SHAPES = {  # factory name -> (label, constructor keywords of the shape)
+    **{f'vit_{arch}': (label, shape) for arch, (label, shape) in _SIZES.items()},
+    **{f'mae_vit_{arch}': (f'MAE {label}', dict(shape, **MAE_DECODER))
+       for arch, (label, shape) in _SIZES.items()}}
+
+# constructor keyword <- config key, for the shape
+ENCODER_KEYS = {'patch_size': 'MODEL.ENCODER.PATCH_SIZE', 'embed_dim': 'MODEL.ENCODER.EMBED_DIM',
+                'depth': 'MODEL.ENCODER.DEPTH', 'num_heads': 'MODEL.ENCODER.NUM_HEADS',
+                'mlp_ratio': 'MODEL.ENCODER.MLP_RATIO'}
+DECODER_KEYS = {'decoder_embed_dim': 'MODEL.DECODER.EMBED_DIM',
+                'decoder_depth': 'MODEL.DECODER.DEPTH',
+                'decoder_num_heads': 'MODEL.DECODER.NUM_HEADS'}
 
 
-def _mae_factory(arch):
-    p, d, depth, heads, dd, ddepth, dheads = _ARCHS[arch]
+def _factory(name, cls):
+    """A named size: its shape, keyword overrides allowed; *_custom: the constructor's keywords."""
+    shape = NAMED_SHAPES.get(name, ('', {}))[1]
 
     def factory(**kwargs):
-        args = dict(patch_size=p, embed_dim=d, depth=depth, num_heads=heads,
-                    decoder_embed_dim=dd, decoder_depth=ddepth, decoder_num_heads=dheads,
-                    mlp_ratio=4.)
-        args.update(kwargs)
-        return MaskedAutoencoderViT(**args)
-    factory.__name__ = f'mae_vit_{arch}'
+        return cls(**dict(shape, **kwargs))
+    factory.__name__ = name
     return factory
 
 
-def _vit_factory(arch):
-    p, d, depth, heads = _ARCHS[arch][:4]
-
-    def factory(**kwargs):
-        args = dict(patch_size=p, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.)
-        args.update(kwargs)
-        return VisionTransformer(**args)
-    factory.__name__ = f'vit_{arch}'
-    return factory
-
-
-mae_vit_tiny_patch4 = _mae_factory('tiny_patch4')
-mae_vit_base_patch16 = _mae_factory('base_patch16')
-mae_vit_large_patch16 = _mae_factory('large_patch16')
-mae_vit_huge_patch14 = _mae_factory('huge_patch14')
-vit_tiny_patch4 = _vit_factory('tiny_patch4')
-vit_base_patch16 = _vit_factory('base_patch16')
-vit_large_patch16 = _vit_factory('large_patch16')
-vit_huge_patch14 = _vit_factory('huge_patch14')
+mae_vit_base_patch16 = _factory('mae_vit_base_patch16', MaskedAutoencoderViT)
+mae_vit_large_patch16 = _factory('mae_vit_large_patch16', MaskedAutoencoderViT)
+mae_vit_huge_patch14 = _factory('mae_vit_huge_patch14', MaskedAutoencoderViT)
+mae_vit_custom = _factory('mae_vit_custom', MaskedAutoencoderViT)
+vit_base_patch16 = _factory('vit_base_patch16', VisionTransformer)
+vit_large_patch16 = _factory('vit_large_patch16', VisionTransformer)
+vit_huge_patch14 = _factory('vit_huge_patch14', VisionTransformer)
+vit_custom = _factory('vit_custom', VisionTransformer)
 
 FACTORIES = {f.__name__: f for f in (
-    mae_vit_tiny_patch4, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14,
-    vit_tiny_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14)}
+    mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14, mae_vit_custom,
+    vit_base_patch16, vit_large_patch16, vit_huge_patch14, vit_custom)}
 
 
-def build_model(config):
-    """Build the model a config describes: MODEL.NAME picks the factory, MODEL.ENCODER/DECODER
-    and DATA.IMAGE_SIZE give its shape, TRAIN.MODE picks the head (linear probe: BN + Linear).
+def _config_value(config, key):
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
 
-    This is the only place that maps config keys to constructor keywords.
+
+def build_from_config(config):
+    """The model MODEL.NAME names, built from the config: the one place that maps config keys to
+    constructor keywords. DATA.IMAGE_SIZE, the shape (MODEL.ENCODER, and MODEL.DECODER for
+    mae_*), MODEL.RECOMPUTE, and MODEL.NORM_PIX_LOSS (mae_*) or MODEL.NUM_CLASSES / DROP_PATH /
+    GLOBAL_POOL (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
+
+    A named size (vit_base_patch16 ...) fixes its shape: shape keys that contradict it raise
+    config.ConfigError naming both; *_custom names take the shape from the config.
     """
     m = config.MODEL
     if m.NAME not in FACTORIES:
-        raise ValueError(f'MODEL.NAME {m.NAME!r} is not a known model; '
-                         f'choose one of {sorted(FACTORIES)}')
+        raise ConfigError(f'MODEL.NAME {m.NAME!r} is not a known model; '
+                          f'choose one of {sorted(FACTORIES)}')
     is_mae = m.NAME.startswith('mae_')
-    mode = config.TRAIN.MODE
-    if is_mae != (mode == 'pretrain'):
-        raise ValueError(f'MODEL.NAME {m.NAME!r} does not fit TRAIN.MODE {mode!r}: pre-training '
-                         f'uses an mae_* model, fine-tuning and linear probing a vit_* model')
-    enc = m.ENCODER
-    kwargs = dict(img_size=config.DATA.IMAGE_SIZE, patch_size=enc.PATCH_SIZE,
-                  embed_dim=enc.EMBED_DIM, depth=enc.DEPTH, num_heads=enc.NUM_HEADS,
-                  mlp_ratio=enc.MLP_RATIO, recompute=m.RECOMPUTE)
+    keys = dict(ENCODER_KEYS, **(DECODER_KEYS if is_mae else {}))
+    shape = {arg: _config_value(config, key) for arg, key in keys.items()}
+    if m.NAME in NAMED_SHAPES:  # the name fixes the shape: the config's keys must agree
+        label, named = NAMED_SHAPES[m.NAME]
+        wrong = [arg for arg in keys if shape[arg] != named[arg]]
+        if wrong:
+            arch = m.NAME.split('vit_', 1)[1]
+            generic, sections = (('mae_vit_custom', 'MODEL.ENCODER and MODEL.DECODER') if is_mae
+                                 else ('vit_custom', 'MODEL.ENCODER'))
+            raise ConfigError(
+                f'MODEL.NAME {m.NAME!r} is {label} ('
+                + ', '.join(f'{keys[a]} {named[a]}' for a in wrong) + ') but '
+                + ', '.join(f'{keys[a]} is {shape[a]}' for a in wrong)
+                + f': use a vit_{arch}_224_* config (shape in configs/base/vit_{arch}_224.yaml), '
+                f'or MODEL.NAME {generic} to take the shape from {sections}')
+    kwargs = dict(shape, img_size=config.DATA.IMAGE_SIZE, recompute=m.RECOMPUTE)
     if is_mae:
-        dec = m.DECODER
-        kwargs.update(decoder_embed_dim=dec.EMBED_DIM, decoder_depth=dec.DEPTH,
-                      decoder_num_heads=dec.NUM_HEADS, norm_pix_loss=m.NORM_PIX_LOSS)
-        return FACTORIES[m.NAME](**kwargs)
-    kwargs.update(num_classes=m.NUM_CLASSES, drop_path_rate=m.DROP_PATH,
-                  global_pool=m.GLOBAL_POOL)
-    model = FACTORIES[m.NAME](**kwargs)
-    if mode == 'linearprobe':
-        add_linear_probe_head(model)
-    return model
+        kwargs.update(norm_pix_loss=m.NORM_PIX_LOSS)
+    else:
+        kwargs.update(num_classes=m.NUM_CLASSES, drop_path_rate=m.DROP_PATH,
+                      global_pool=m.GLOBAL_POOL)
+    return FACTORIES[m.NAME](**kwargs)
+
+
+def build_model(config):
+    """The model a config describes, as its task (TRAIN.MODE, tasks.py) trains it: the network of
+    build_from_config with the task's head and what the task freezes frozen (the linear probe:
+    BN + Linear head on a frozen encoder)."""
+    import tasks  # (lazy: tasks builds on this module)
+    return tasks.get_task(config).build_model()

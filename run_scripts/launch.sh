@@ -15,6 +15,9 @@
 # Extra arguments go to the entry point, e.g. -resume auto or -opts KEY VALUE (these win).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# glibc's malloc thresholds (runtime.py): exported here so that the entry points need no restart
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 : "${STAGE:?}" "${CFG:?}"
 DATA_PATH=${DATA_PATH:?set DATA_PATH to the data folder (train_list.txt, val_list.txt)}
 OUTPUT=${OUTPUT:-output/$(basename "$CFG" .yaml)}

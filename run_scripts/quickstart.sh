@@ -10,6 +10,9 @@
 # TRAIN_PER_CLASS, VAL_PER_CLASS, PYTHON (skip the venv and use this Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# glibc's malloc thresholds (runtime.py): exported here so that the entry points need no restart
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 OUT=${OUT:-output/quickstart}
 DATA=${DATA:-data/demo}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-15}

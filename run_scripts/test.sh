@@ -6,6 +6,9 @@
 #   VENV=/path/to/venv bash run_scripts/test.sh -k parity
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# glibc's malloc thresholds (runtime.py): exported here so that the entry points need no restart
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 
 PADDLE_VERSION=${PADDLE_VERSION:-}
 VENV=${VENV:-.venv-test${PADDLE_VERSION:+-$PADDLE_VERSION}}

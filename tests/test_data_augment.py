@@ -110,7 +110,7 @@ def test_bad_policy_strings_are_named(policy, fragment):
 def test_bad_policy_in_config_is_a_config_error():
     cfg = H.tiny_config('finetune', TRAIN__RAND_AUGMENT='rand-m9-q3')
     with pytest.raises(datasets.ConfigError, match=r"TRAIN.RAND_AUGMENT.*'q3'"):
-        datasets.build_transform(True, cfg)
+        augment.build_transform(True, cfg)
 
 
 @pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-m9-n3-mstd101-p0.9',

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import data_helpers as H
+import augment
 import datasets
 from datasets import BadImageError, DataError
 
@@ -90,8 +91,9 @@ def test_class_folders(tmp_path):
     ds = datasets.build_dataset(cfg, is_train=True)
     assert isinstance(ds, datasets.ImageFolderDataset)
     assert ds.classes == ['a_cat', 'b_dog'] and ds.labels.tolist() == [0, 0, 0, 1, 1]
-    image, label = ds[4]
+    image, label, sample_id = ds[4]
     assert image.shape == (3, 32, 32) and image.dtype == np.float32 and label == 1
+    assert sample_id == 4
 
 
 def test_flat_folder_is_unlabelled_for_pretraining_only(tmp_path):
@@ -157,7 +159,7 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_awkward_images_through_every_transform(awkward, stage):
     cfg = H.tiny_config(stage)
     for is_train in (True, False):
-        transform = datasets.build_transform(is_train, cfg)
+        transform = augment.build_transform(is_train, cfg)
         for name, (path, _) in awkward.items():
             out = transform(datasets.load_rgb(path))
             assert out.shape == (3, 32, 32) and np.isfinite(out).all(), (name, is_train)
@@ -184,8 +186,9 @@ def test_broken_image_skip_mode_substitutes_and_counts(tmp_path, broken, name):
     root, rel = make_root(tmp_path, n_good=3, bad=[os.path.relpath(broken[name], tmp_path)])
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__ON_BAD_IMAGE='skip')
     train = datasets.build_dataset(cfg, True)
-    image, label = train[3]  # bad: replaced by the next readable sample, index 0 (label 0)
+    image, label, sample_id = train[3]  # bad: replaced by the next readable one, index 0
     assert image.shape == (3, 32, 32) and label == 0 and train.num_skipped == 1
+    assert sample_id == 3  # the slot keeps its identity (its seeds, its mask)
     train[3]
     assert train.num_skipped == 2
     train.reset_skip_count()
@@ -228,7 +231,7 @@ def test_bad_image_in_loader_raises_a_clean_error_in_main_process(tmp_path, brok
     loader = datasets.build_loader(cfg, val, False)
     delivered = []
     with pytest.raises(BadImageError) as e:
-        for _, y in loader:
+        for _, y, _ in loader:
             delivered += y.numpy().tolist()
     message = str(e.value)
     assert message.startswith('cannot read image ') and 'truncated.jpg' in message
@@ -265,12 +268,12 @@ def test_skips_are_counted_across_workers(tmp_path, broken):
     root, _ = make_root(tmp_path, n_good=5, bad=bad)
     cfg = _loader_config(root, 'skip')
     val = datasets.build_dataset(cfg, False)
-    labels = np.concatenate([y.numpy() for _, y in datasets.build_loader(cfg, val, False)])
+    labels = np.concatenate([y.numpy() for _, y, _ in datasets.build_loader(cfg, val, False)])
     assert labels.tolist() == [0, 1, 2, 0, 1, -1, -1, -1]
     assert val.num_skipped == 3 + 2 + 1  # 5 -> 6 -> 7 -> 0, 6 -> 7 -> 0, 7 -> 0
     train = datasets.build_dataset(cfg, True)
     loader = datasets.build_loader(cfg, train, True)
-    images = [x for x, _ in loader]
+    images = [x for x, _, _ in loader]
     assert len(images) == 4 and images[0].shape == [2, 3, 32, 32]
     assert train.num_skipped == 6
 

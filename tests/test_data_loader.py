@@ -1,9 +1,15 @@
-"""Samplers and loaders: 2-process coverage, epoch-seeded order, reproducible worker seeding."""
+"""Samplers and loaders: 2-process coverage, epoch-seeded order, reproducible worker seeding,
+per-sample masks."""
+import types
+
 import numpy as np
+import paddle
 import pytest
 
 import data_helpers as H
 import datasets
+import tasks
+import utils
 
 
 class Sized:
@@ -97,7 +103,7 @@ def _photo_list(tmp_path, n, name='chelsea.png'):
 
 def _epoch(loader, epoch):
     loader.set_epoch(epoch)
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in loader])
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y, _ in loader])
     return np.stack(xs), np.stack(ys)
 
 
@@ -138,7 +144,7 @@ def test_augmentations_do_not_depend_on_workers_processes_or_resuming(tmp_path):
             assert np.array_equal(x, by_label[int(y)])
     loader = _train_loader(root, 2)
     loader.set_epoch(4, 2)
-    tail = [(x.numpy(), y.numpy()) for x, y in loader]
+    tail = [(x.numpy(), y.numpy()) for x, y, _ in loader]
     assert len(loader) == 4 and len(tail) == 2
     assert all(np.array_equal(x, x0[2 + k]) and np.array_equal(y, y0[2 + k])
                for k, (x, y) in enumerate(tail))
@@ -152,7 +158,7 @@ def test_eval_loaders_of_two_ranks_count_each_image_once(tmp_path):
     for rank in range(2):
         loader = datasets.build_loader(cfg, datasets.build_dataset(cfg, False), False,
                                        num_replicas=2, rank=rank)
-        for x, y in loader:
+        for x, y, _ in loader:
             labels += y.numpy().tolist()
             images.append(x.numpy())
     assert sorted(labels) == list(range(11))
@@ -161,13 +167,61 @@ def test_eval_loaders_of_two_ranks_count_each_image_once(tmp_path):
     assert np.abs(all_images - all_images[0]).max() == 0  # eval transform is deterministic
 
 
-def test_seed_augmentation_mixes_all_four_numbers():
+def test_seed_everything_mixes_all_four_numbers():
     import random
     draws = set()
     for key in [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]:
-        datasets.seed_augmentation(*key)
+        utils.seed_everything(*key, include_paddle=False)
         draws.add((random.random(), float(np.random.rand())))
     assert len(draws) == 5
-    datasets.seed_augmentation(0, 1, 0, 0)
+    utils.seed_everything(0, 1, 0, 0, include_paddle=False)
     again = (random.random(), float(np.random.rand()))
     assert again in draws
+
+
+class _RecordNoise(paddle.nn.Layer):
+    """Stands in for the MAE model in tasks.Pretrain.loss: records the masking noise each
+    sample (known by its label, which _photo_list makes equal to its index) is given."""
+
+    def __init__(self, num_patches):
+        super().__init__()
+        self.patch_embed = types.SimpleNamespace(num_patches=num_patches)
+        self.labels, self.seen = None, {}
+
+    def forward(self, images, mask_ratio, noise):
+        for label, row in zip(self.labels, noise.numpy()):
+            self.seen[int(label)] = row
+        return (paddle.zeros([1]),)
+
+
+def _masks(root, workers, replicas=1, rank=0, epoch=4, start_batch=0, seed=3):
+    cfg = H.tiny_config('pretrain', DATA__DATA_PATH=root, DATA__BATCH_SIZE=2,
+                        DATA__NUM_WORKERS=workers, SEED=seed)
+    task = tasks.get_task(cfg)
+    loader = datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True,
+                                   num_replicas=replicas, rank=rank)
+    loader.set_epoch(epoch, start_batch)
+    model = _RecordNoise(64)
+    for batch in loader:
+        model.labels = batch[1].numpy().ravel()
+        task.loss(model, batch, epoch)
+    return model.seen
+
+
+def test_masks_of_a_sample_do_not_depend_on_processes_workers_or_resuming(tmp_path):
+    """The masking noise of sample i in epoch e is the same on 1 or 2 processes, with 0 or 2
+    workers, and in an epoch resumed at batch 2; it differs between samples and epochs."""
+    root, _ = _photo_list(tmp_path, 8)
+    one = _masks(root, 0)
+    assert sorted(one) == list(range(8))
+    assert all(row.shape == (64,) and row.dtype == np.float32 for row in one.values())
+    assert len({row.tobytes() for row in one.values()}) == 8
+    two = {}
+    for rank in range(2):
+        two.update(_masks(root, 2, replicas=2, rank=rank))
+    assert sorted(two) == list(range(8))
+    assert all(np.array_equal(two[k], one[k]) for k in one)
+    resumed = _masks(root, 2, start_batch=2)
+    assert len(resumed) == 4 and all(np.array_equal(resumed[k], one[k]) for k in resumed)
+    for other in (_masks(root, 0, epoch=5), _masks(root, 0, seed=4)):
+        assert all(not np.array_equal(other[k], one[k]) for k in one)

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import data_helpers as H
+import augment
+import utils
 import datasets
 
 torch = pytest.importorskip('torch')
@@ -26,7 +28,7 @@ def torchvision_eval(image_size, crop_pct):
 def test_eval_transform_equals_torchvision_on_photos(name, image_size, crop_pct):
     cfg = H.tiny_config(DATA__IMAGE_SIZE=image_size)
     img = H.photo(name)
-    ours = datasets.build_transform(False, cfg)(img)
+    ours = augment.build_transform(False, cfg)(img)
     ref = torchvision_eval(image_size, crop_pct)(img).numpy()
     assert ours.shape == (3, image_size, image_size) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() < 1e-5
@@ -37,33 +39,33 @@ def test_eval_transform_equals_torchvision_on_photos(name, image_size, crop_pct)
 def test_eval_transform_equals_torchvision_on_synthetic(w, h):
     cfg = H.tiny_config(DATA__IMAGE_SIZE=224)
     img = H.noise_image(w, h, seed=w * 7 + h)
-    ours = datasets.build_transform(False, cfg)(img)
+    ours = augment.build_transform(False, cfg)(img)
     ref = torchvision_eval(224, 0.875)(img).numpy()
     assert ours.shape == (3, 224, 224)
     assert np.abs(ours - ref).max() < 1e-5
 
 
 def test_eval_crop_pct_is_one_above_224_as_official():
-    assert datasets.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=224)) == 0.875
-    assert datasets.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=448)) == 1.0
-    transform = datasets.build_transform(False, H.tiny_config(DATA__IMAGE_SIZE=32))
+    assert augment.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=224)) == 0.875
+    assert augment.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=448)) == 1.0
+    transform = augment.build_transform(False, H.tiny_config(DATA__IMAGE_SIZE=32))
     assert transform.transforms[0].resize == 36  # int(32 / 0.875)
 
 
 def test_bad_crop_pct_is_a_config_error():
     with pytest.raises(datasets.ConfigError, match='DATA.CROP_PCT'):
-        datasets.build_transform(False, H.tiny_config(DATA__CROP_PCT=1.5))
+        augment.build_transform(False, H.tiny_config(DATA__CROP_PCT=1.5))
 
 
 def test_to_chw_array_equals_torchvision_to_tensor():
     img = H.photo('coffee.png')
-    assert np.array_equal(datasets.ToCHWArray()(img), TF.to_tensor(img).numpy())
+    assert np.array_equal(augment.ToCHWArray()(img), TF.to_tensor(img).numpy())
 
 
 @pytest.mark.parametrize('stage', ['pretrain', 'finetune', 'linearprobe'])
 def test_train_transform_recipes(stage):
     cfg = H.tiny_config(stage)
-    ops = datasets.build_transform(True, cfg).transforms
+    ops = augment.build_transform(True, cfg).transforms
     kinds = [type(op).__name__ for op in ops]
     crop = 'RandomResizedCropNoRetry' if stage == 'linearprobe' else 'RandomResizedCrop'
     expected = {
@@ -83,17 +85,17 @@ def test_train_transform_recipes(stage):
         assert ra.ops[0].fill == (124, 116, 104)  # the mean pixel, as create_transform passes
         assert (erase.prob, erase.mode, erase.max_count) == (0.25, 'pixel', 1)
     for name in ('chelsea.png', 'camera.png'):
-        out = datasets.build_transform(True, cfg)(H.photo(name))
+        out = augment.build_transform(True, cfg)(H.photo(name))
         assert out.shape == (3, 32, 32) and out.dtype == np.float32
         assert np.isfinite(out).all()
 
 
 def test_train_transform_reproducible_from_seeds():
-    transform = datasets.build_transform(True, H.tiny_config('finetune', DATA__IMAGE_SIZE=64))
+    transform = augment.build_transform(True, H.tiny_config('finetune', DATA__IMAGE_SIZE=64))
     img = H.photo('astronaut.png')
 
     def run(seed):
-        datasets.seed_augmentation(seed, 0, 0, 0)
+        utils.seed_everything(seed, 0, 0, 0, include_paddle=False)
         return np.stack([transform(img) for _ in range(4)])
 
     assert np.array_equal(run(1), run(1))
@@ -108,17 +110,17 @@ def test_rrc_full_scale_on_square_image_is_a_plain_resize():
     ref = TT.Compose([TT.Resize((64, 64), interpolation=TT.InterpolationMode.BICUBIC),
                       TT.ToTensor(), TT.Normalize(MEAN, STD)])(img).numpy()
     random.seed(0)
-    out = datasets.build_transform(True, cfg)(img)
+    out = augment.build_transform(True, cfg)(img)
     assert np.abs(out - ref).max() < 1e-5 or np.abs(out - ref[:, :, ::-1]).max() < 1e-5
 
 
 def test_linear_probe_crop_clamps_instead_of_retrying(monkeypatch):
     """util/crop.py of the official MAE: area x1.0, aspect 4/3 on a 512x512 image gives
     w = 591 -> clamped to 512 and h = 443; torchvision's version would fall back to the centre."""
-    crop = datasets.RandomResizedCropNoRetry(48, scale=(1.0, 1.0))
+    crop = augment.RandomResizedCropNoRetry(48, scale=(1.0, 1.0))
     draws = iter([1.0, np.log(4 / 3)])
-    monkeypatch.setattr(datasets.random, 'uniform', lambda a, b: next(draws))
-    monkeypatch.setattr(datasets.random, 'randint', lambda a, b: b)  # last valid offset
+    monkeypatch.setattr(augment.random, 'uniform', lambda a, b: next(draws))
+    monkeypatch.setattr(augment.random, 'randint', lambda a, b: b)  # last valid offset
     img = H.photo('astronaut.png')
     out = np.asarray(crop(img))
     h = int(round(np.sqrt(512 * 512 * 3 / 4)))
@@ -130,7 +132,7 @@ def test_linear_probe_crop_clamps_instead_of_retrying(monkeypatch):
 
 def test_linear_probe_crop_survives_a_single_pixel():
     random.seed(0)
-    out = datasets.RandomResizedCropNoRetry(16)(H.noise_image(1, 1))
+    out = augment.RandomResizedCropNoRetry(16)(H.noise_image(1, 1))
     assert out.size == (16, 16)
 
 
@@ -138,7 +140,7 @@ def test_linear_probe_crop_survives_a_single_pixel():
 def test_random_erasing_boxes_equal_timm(count):
     from timm.data.random_erasing import RandomErasing as TimmErasing
     for seed in range(10):
-        ours = datasets.RandomErasing(prob=0.5, mode='const', max_count=count)
+        ours = augment.RandomErasing(prob=0.5, mode='const', max_count=count)
         theirs = TimmErasing(probability=0.5, mode='const', max_count=count, device='cpu')
         random.seed(seed)
         a = ours(np.ones((3, 40, 56), np.float32))
@@ -153,7 +155,7 @@ def test_random_erasing_pixel_mode_is_standard_normal_noise():
     hits = []
     for seed in range(20):
         random.seed(seed)
-        out = datasets.RandomErasing(prob=1.0, mode='pixel')(zeros.copy())
+        out = augment.RandomErasing(prob=1.0, mode='pixel')(zeros.copy())
         hits.append(out[out != 7.0])
         assert out.dtype == np.float32
     values = np.concatenate(hits)
@@ -163,7 +165,7 @@ def test_random_erasing_pixel_mode_is_standard_normal_noise():
 
 def test_random_erasing_prob_zero_and_bad_mode():
     x = np.ones((3, 8, 8), np.float32)
-    assert np.array_equal(datasets.RandomErasing(prob=0.0)(x.copy()), x)
+    assert np.array_equal(augment.RandomErasing(prob=0.0)(x.copy()), x)
     with pytest.raises(datasets.ConfigError, match='RANDOM_ERASE_MODE'):
-        datasets.RandomErasing(mode='noise')
+        augment.RandomErasing(mode='noise')
 

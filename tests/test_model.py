@@ -7,6 +7,7 @@ import paddle
 import pytest
 
 import config as cfgmod
+import cpu_kernels
 import transformer as T
 from conftest import ROOT
 
@@ -98,8 +99,8 @@ def test_build_model_follows_config():
     assert not m.recompute
     c.MODEL.RECOMPUTE = True
     assert T.build_model(c).recompute
-    c.MODEL.NAME = 'mae_vit_tiny_patch4'
-    with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_tiny_patch4' does not fit "
+    c.MODEL.NAME = 'mae_vit_custom'
+    with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_custom' does not fit "
                                          "TRAIN.MODE 'finetune'"):
         T.build_model(c)
     c.MODEL.NAME = 'vit_gigantic'
@@ -107,6 +108,38 @@ def test_build_model_follows_config():
         T.build_model(c)
     p = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
     assert isinstance(p, T.MaskedAutoencoderViT) and p.norm_pix_loss
+
+
+def test_named_size_fixes_the_shape():
+    """A named size builds that size when the config's shape keys agree, and refuses keys that
+    contradict it (naming both); the *_custom names take the shape from the config."""
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'vit_base_patch16_224_finetune.yaml'))
+    c.DATA.IMAGE_SIZE, c.MODEL.NUM_CLASSES = 32, 3  # (small: only the shape matters here)
+    with paddle.LazyGuard():
+        m = T.build_from_config(c)
+    assert isinstance(m, T.VisionTransformer) and m.get_num_layers() == 12
+    assert m.pos_embed.shape == [1, 1 + 2 * 2, 768] and m.head.weight.shape == [768, 3]
+    c.MODEL.NAME = 'vit_large_patch16'
+    with pytest.raises(cfgmod.ConfigError) as e:
+        T.build_from_config(c)
+    msg = str(e.value)
+    assert "MODEL.NAME 'vit_large_patch16' is ViT-L/16" in msg
+    assert 'MODEL.ENCODER.EMBED_DIM 1024' in msg and 'MODEL.ENCODER.EMBED_DIM is 768' in msg
+    assert 'MODEL.NAME vit_custom' in msg and 'PATCH_SIZE' not in msg
+    c.MODEL.NAME = 'vit_custom'
+    with paddle.LazyGuard():
+        assert T.build_from_config(c).blocks[0].attn.qkv.weight.shape == [768, 3 * 768]
+    p = cfgmod.get_config(os.path.join(ROOT, 'configs', 'vit_large_patch16_224_pretrain.yaml'))
+    p.MODEL.DECODER.DEPTH = 2
+    with pytest.raises(cfgmod.ConfigError, match="MODEL.NAME 'mae_vit_large_patch16' is MAE "
+                       r"ViT-L/16 .*\(MODEL.DECODER.DEPTH 8\) but MODEL.DECODER.DEPTH is 2: "
+                       '.* MODEL.NAME mae_vit_custom'):
+        T.build_from_config(p)
+    p.MODEL.DECODER.DEPTH = 8
+    with paddle.LazyGuard():
+        m = T.build_from_config(p)
+    assert isinstance(m, T.MaskedAutoencoderViT) and m.get_num_layers() == 24
+    assert len(m.decoder_blocks) == 8 and m.decoder_embed.weight.shape == [1024, 512]
 
 
 def test_checkpoint_at_lower_resolution_loads_after_interpolation():
@@ -172,16 +205,71 @@ def test_recompute_gives_the_same_loss_and_gradients(which):
 
 
 @pytest.mark.parametrize('which', ['mae', 'vit'])
-def test_cpu_training_kernels_equal_paddle_ops(which, monkeypatch):
+def test_cpu_training_kernels_equal_paddle_ops(which):
     """The hand-written CPU training path (Linear / attention / LayerNorm PyLayers) gives the
     loss and every gradient of the same model trained with Paddle's own ops."""
     kw = {'norm_pix_loss': True} if which == 'mae' else {}
-    monkeypatch.setattr(T, 'CPU_KERNELS', False)
-    loss_ref, grads_ref = tiny_loss_and_grads(which, **kw)
-    monkeypatch.setattr(T, 'CPU_KERNELS', True)
-    loss, grads = tiny_loss_and_grads(which, **kw)
+    with cpu_kernels.enabled(False):
+        loss_ref, grads_ref = tiny_loss_and_grads(which, **kw)
+    with cpu_kernels.enabled(True):
+        loss, grads = tiny_loss_and_grads(which, **kw)
     assert loss == pytest.approx(loss_ref, rel=1e-6)
     assert grads.keys() == grads_ref.keys() and len(grads) > 20
     for name in grads:
         scale = max(np.abs(grads_ref[name]).max(), 1e-12)
         assert np.abs(grads[name] - grads_ref[name]).max() / scale < 1e-5, name
+    assert cpu_kernels.is_enabled()  # (the context manager restores the setting)
+
+
+def test_encoder_protocol_gives_official_layer_ids():
+    """get_num_layers / layer_id / no_weight_decay: the official lr_decay.py layer ids (0 before
+    the blocks, i + 1 for blocks.i, depth + 1 after them) on both models; weight decay skips
+    pos_embed and cls_token in fine-tuning only (official pre-training decays the tokens)."""
+    kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
+    depth = kw['depth']
+    vit = T.VisionTransformer(**dict(kw, depth=5), num_classes=5)
+    mae = T.MaskedAutoencoderViT(**TINY)
+    assert vit.get_num_layers() == 5 and mae.get_num_layers() == depth
+    for name, layer in [('cls_token', 0), ('pos_embed', 0), ('patch_embed.proj.weight', 0),
+                        ('blocks.0.norm1.weight', 1), ('blocks.3.attn.qkv.weight', 4),
+                        ('head.weight', 6), ('fc_norm.bias', 6), ('norm.weight', 6)]:
+        assert vit.layer_id(name) == layer, name
+    for name, layer in [('cls_token', 0), ('blocks.1.mlp.fc2.bias', 2), ('norm.weight', 3),
+                        ('mask_token', 3), ('decoder_pos_embed', 3), ('decoder_embed.weight', 3),
+                        ('decoder_blocks.0.attn.qkv.weight', 3), ('decoder_pred.bias', 3)]:
+        assert mae.layer_id(name) == layer, name
+    params = {n for n, _ in vit.named_parameters()}
+    assert vit.no_weight_decay() == {'pos_embed', 'cls_token'} <= params
+    assert mae.no_weight_decay() == set()
+
+
+def test_forward_intermediates_ranges_recompute_and_early_stop():
+    paddle.seed(0)
+    kw = {k: v for k, v in TINY.items() if not k.startswith('decoder')}
+    model = T.VisionTransformer(**dict(kw, depth=4), num_classes=5)
+    model.eval()
+    imgs = paddle.randn([2, 3, 32, 32])
+    calls = []
+    hooks = [blk.register_forward_post_hook(lambda layer, inp, out, i=i: calls.append(i))
+             for i, blk in enumerate(model.blocks)]
+    out = model.forward_intermediates(imgs, [1, -3])  # the same block twice: once, as timm
+    assert calls == [0, 1] and len(out) == 1 and out[0].shape == [2, 96, 8, 8]
+    calls.clear()
+    assert len(model.forward_intermediates(imgs, 2)) == 2 and calls == [0, 1, 2, 3]
+    for h in hooks:
+        h.remove()
+    for bad, match in [([4], r'block index 4 is out of range: .* indices -4 to 3'),
+                       ([-5], 'indices -4 to 3'), (0, r'last n blocks, n from 1 to 4'),
+                       (5, 'n from 1 to 4'), ([], 'indices is empty')]:
+        with pytest.raises(ValueError, match=match):
+            model.forward_intermediates(imgs, bad)
+    # training with recompute: the same outputs and a gradient through them
+    model.train()
+    plain = [t.numpy() for t in model.forward_intermediates(imgs, [0, 2])]
+    model.recompute = True
+    again = model.forward_intermediates(imgs, [0, 2])
+    for a, b in zip(again, plain):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-6)
+    sum(t.mean() for t in again).backward()
+    assert model.blocks[2].mlp.fc2.weight.grad is not None
+    assert model.blocks[3].mlp.fc2.weight.grad is None

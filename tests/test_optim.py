@@ -65,8 +65,7 @@ def test_pretrain_groups_decay_tokens_not_1d():
 
 def test_linear_probe_trains_only_head():
     c = cfg('tiny_linearprobe')
-    model = transformer.build_model(c)
-    optim.freeze_for_linear_probe(model)
+    model = transformer.build_model(c)  # the task freezes all but the head
     assert set(optim.param_rules(model, c)) == {'head.1.weight', 'head.1.bias'}
     assert isinstance(optim.build_optimizer(model, c, 1), paddle.optimizer.AdamW)  # tiny config
     c = cfg('tiny_linearprobe', TRAIN__OPTIMIZER__NAME='LARS')  # the official recipe's
@@ -163,3 +162,27 @@ def test_lars_equals_numpy_reference():
     opt2.set_state_dict(state)
     assert opt2.get_lr() == pytest.approx(0.1)
     np.testing.assert_allclose(opt2._mu['w'].numpy(), ref['w'][1], rtol=1e-5, atol=1e-8)
+
+
+class _Wrapped(paddle.nn.Layer):
+    """A model that wraps the encoder (as a segmentor does): the ViT under 'backbone.', a layer
+    of its own beside it."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.backbone = encoder
+        self.neck = paddle.nn.Linear(8, 8)
+
+
+def test_wrapped_encoder_groups_equal_the_bare_encoders_under_the_prefix():
+    c = cfg('vit_base_patch16_224_finetune')
+    bare = optim.param_rules(transformer.build_model(c), c)
+    wrapped = optim.param_rules(_Wrapped(transformer.build_model(c)), c)
+    assert set(wrapped) == {'backbone.' + n for n in bare} | {'neck.weight', 'neck.bias'}
+    for name, rule in bare.items():
+        assert wrapped['backbone.' + name] == rule, name
+    ld, depth = c.TRAIN.LAYER_DECAY, c.MODEL.ENCODER.DEPTH
+    assert wrapped['backbone.pos_embed'] == (pytest.approx(ld ** (depth + 1)), 0.0)
+    assert wrapped['backbone.blocks.3.attn.qkv.weight'] == (pytest.approx(ld ** (depth - 3)),
+                                                            0.05)
+    assert wrapped['neck.weight'] == (1.0, 0.05) and wrapped['neck.bias'] == (1.0, 0.0)

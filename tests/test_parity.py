@@ -257,6 +257,8 @@ VIT_CASES = {
                       num_classes=7, global_pool=False),
     'vit-base-global-pool': dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
                                  num_heads=12, num_classes=1000, global_pool=True),
+    'deep-global-pool': dict(img_size=32, patch_size=4, embed_dim=96, depth=5, num_heads=3,
+                             num_classes=7, global_pool=True),
 }
 
 
@@ -268,23 +270,37 @@ def timm_vit_model(kw):
         norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
 
 
-@pytest.mark.parametrize('case', list(VIT_CASES))
-def test_vit_logits_match_timm(case, tmp_root):
+@functools.lru_cache(maxsize=None)
+def vit_pair(case, tmp_root):
+    """timm reference with perturbed random weights, saved as an official checkpoint, converted
+    and loaded into our VisionTransformer -> (reference, model, converter output), both eval."""
     kw = VIT_CASES[case]
     torch.manual_seed(3)
     ref = timm_vit_model(kw).eval()
     perturb_(ref, seed=4, skip=())
+    src = os.path.join(tmp_root, f'vit-{case}.pth')
+    dst = os.path.join(tmp_root, f'vit-{case}.pdparams')
+    save_official(ref.state_dict(), src)
+    out = convert(src, dst)
+    model = load_into(transformer.VisionTransformer(**kw), dst)
+    model.eval()
+    return ref, model, out
+
+
+def vit_images(kw):
+    return np.random.RandomState(5).randn(3, 3, kw['img_size'], kw['img_size']).astype('float32')
+
+
+@pytest.mark.parametrize('case', list(VIT_CASES))
+def test_vit_logits_match_timm(case, tmp_root):
+    kw = VIT_CASES[case]
+    ref, model, log = vit_pair(case, tmp_root)
     sd = ref.state_dict()
     # the official global-pool model has fc_norm and no final norm, the cls-token one the reverse
     assert ('fc_norm.weight' in sd) == kw['global_pool']
     assert ('norm.weight' in sd) != kw['global_pool']
-    src = os.path.join(tmp_root, f'vit-{case}.pth')
-    dst = os.path.join(tmp_root, f'vit-{case}.pdparams')
-    save_official(sd, src)
-    assert 'finetuned' in convert(src, dst)
-    model = load_into(transformer.VisionTransformer(**kw), dst)
-    model.eval()
-    imgs = np.random.RandomState(5).randn(3, 3, kw['img_size'], kw['img_size']).astype('float32')
+    assert 'finetuned' in log
+    imgs = vit_images(kw)
     with torch.no_grad():
         r = ref(torch.from_numpy(imgs)).numpy()
     out = model(paddle.to_tensor(imgs)).numpy()
@@ -292,6 +308,28 @@ def test_vit_logits_match_timm(case, tmp_root):
     d = float(np.abs(out - r).max())
     print(f'{case}: logits max abs diff {d:.2e}')
     assert d < 1e-4
+
+
+@pytest.mark.parametrize('case, indices', [
+    ('deep-global-pool', [0, 2, 3]), ('deep-global-pool', 2), ('deep-global-pool', [-1, 1]),
+    ('cls-token', [0, -1]), ('cls-token', 3)])
+def test_vit_intermediates_match_timm(case, indices, tmp_root):
+    """forward_intermediates = timm's (norm=False, NCHW, intermediates only): block outputs
+    before any final norm, cls token dropped, on the patch grid, in block order."""
+    kw = VIT_CASES[case]
+    ref, model, _ = vit_pair(case, tmp_root)
+    imgs = vit_images(kw)
+    with torch.no_grad():
+        r = ref.forward_intermediates(torch.from_numpy(imgs), indices, norm=False,
+                                      output_fmt='NCHW', intermediates_only=True)
+    out = model.forward_intermediates(paddle.to_tensor(imgs), indices)
+    grid = kw['img_size'] // kw['patch_size']
+    assert len(out) == len(r) == (indices if isinstance(indices, int) else len(indices))
+    for ours, theirs in zip(out, r):
+        assert list(ours.shape) == list(theirs.shape) == [3, kw['embed_dim'], grid, grid]
+        d = float(np.abs(ours.numpy() - theirs.numpy()).max())
+        print(f'{case} {indices}: intermediate max abs diff {d:.2e}')
+        assert d < 1e-5
 
 
 def test_pos_embed_interpolation_matches_timm():

@@ -119,6 +119,7 @@ def test_visualize_refuses_encoder_only(demo, mae_checkpoint, tmp_path):
 
 
 def test_export_and_predict_match_dynamic_model(demo, tmp_path):
+    import augment
     import datasets
     from predict import Predictor
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
@@ -132,7 +133,7 @@ def test_export_and_predict_match_dynamic_model(demo, tmp_path):
     cli('export_model.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'),
         '-pretrained', weights, '-output', out, '-opts', *TINY[:6])
     paths = [os.path.join(demo, 'val', c, '00001.png') for c in ('square', 'cross', 'checker')]
-    transform = datasets.build_transform(False, config)
+    transform = augment.build_transform(False, config)
     batch = np.stack([transform(datasets.load_rgb(p)) for p in paths])
     model.eval()
     expected = model(paddle.to_tensor(batch)).numpy()

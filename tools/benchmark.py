@@ -10,9 +10,10 @@
 
     python tools/benchmark.py -cfg configs/vit_base_patch16_224_pretrain.yaml --batch-size 8 --steps 4
     times K full training steps (forward, backward, optimizer) of the configured model on
-    synthetic input after 2 warm-up steps: the MAE loss for a pre-training config, cross-entropy
-    of the classifier otherwise, with the config's optimizer. Threads, MKL code path and malloc
-    settings are set up as in the entry points (utils.py).
+    synthetic input after 2 warm-up steps: the task's training loss (tasks.py: the MAE loss for
+    a pre-training config, the classifier's criterion otherwise), with the config's optimizer.
+    Threads, MKL code path and malloc settings are set up as in the entry points
+    (runtime.setup_process).
 
     ... --reference torch
     the same measurement of the PyTorch reference: with --data, timm's create_transform for the
@@ -139,7 +140,7 @@ def timm_train_transform(config):
 
 def bench_data(config, args):
     """Images per second of decoding + the training transform, one process: this project's
-    (datasets.load_rgb + build_transform) or, with --reference torch, timm's. -> float"""
+    (datasets.load_rgb + augment.build_transform) or, with --reference torch, timm's. -> float"""
     if args.reference == 'torch':
         import random
         import torch
@@ -148,10 +149,12 @@ def bench_data(config, args):
         random.seed(config.SEED)
         torch.manual_seed(config.SEED)
     else:
-        transform = datasets.build_transform(not args.eval_transform, config)
+        import augment
+        import utils
+        transform = augment.build_transform(not args.eval_transform, config)
         load = datasets.load_rgb
         kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
-        datasets.seed_augmentation(config.SEED, 0, 0, 0)
+        utils.seed_everything(config.SEED, 0, 0, 0, include_paddle=False)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data_path:
             paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'),
@@ -191,33 +194,29 @@ def _timed(step, batch, steps, warmup=2):
 
 
 def bench_model(config, args):
-    """Images per second of full training steps of this project's model. -> float"""
+    """Images per second of full training steps of this project's model: the task's loss
+    (tasks.py) on synthetic images, backward, optimizer step. -> float"""
     import paddle
-    import paddle.nn.functional as F
     import optim
-    import transformer
+    import tasks
     batch = args.batch_size or config.DATA.BATCH_SIZE
     paddle.seed(config.SEED)
-    model = transformer.build_model(config)
-    if config.TRAIN.MODE == 'linearprobe':
-        optim.freeze_for_linear_probe(model)
+    task = tasks.get_task(config)
+    model = task.build_model()
     model.train()
     opt = optim.build_optimizer(model, config, 1)
     size = config.DATA.IMAGE_SIZE
-    x = paddle.randn([batch, 3, size, size])
-    y = paddle.randint(0, config.MODEL.NUM_CLASSES, [batch])
+    data = (paddle.randn([batch, 3, size, size]),
+            paddle.randint(0, config.MODEL.NUM_CLASSES, [batch]), paddle.arange(batch))
 
     def step():
-        if config.TRAIN.MODE == 'pretrain':
-            loss = model(x, mask_ratio=config.MODEL.MASK_RATIO)[0]
-        else:
-            loss = F.cross_entropy(model(x), y)
+        loss = task.loss(model, data, 0)
         loss.backward()
         opt.step()
         opt.clear_grad()
         float(loss)
     print(f'model: paddle {paddle.__version__}, {os.environ.get("OMP_NUM_THREADS")} threads, '
-          f'{config.MODEL.NAME} ({config.TRAIN.MODE}), {size}px')
+          f'{config.MODEL.NAME} ({task.mode}), {size}px')
     return _timed(step, batch, args.steps)
 
 
@@ -275,8 +274,10 @@ def main(argv=None):
     args = parse_args(argv)
     errors = (config_lib.ConfigError,)
     if args.data or args.reference is None:  # (the torch model step runs as users run it)
-        import utils  # noqa: F401  (CPU environment as in the entry points, before Paddle)
+        import runtime
+        runtime.setup_process(restart=argv is None)  # as the entry points, before Paddle loads
         import datasets
+        import utils
         errors += (utils.UserError,)
     try:
         config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)

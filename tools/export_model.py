@@ -12,23 +12,29 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402  (first: CPU environment before Paddle loads)
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process()  # first: CPU threads and math-library paths before Paddle loads
 
 import paddle  # noqa: E402
 
 import config as cfgmod  # noqa: E402
+import tasks  # noqa: E402
 import transformer  # noqa: E402
+import utils  # noqa: E402
 
 PREFIX = 'inference'
 
 
 def export(config, weights, output_dir, log=print):
     """Build the classifier config describes, load weights (its head must fit), save it."""
-    if config.TRAIN.MODE == 'pretrain':
+    task = tasks.get_task(config)
+    model = task.build_model()
+    if not isinstance(model, transformer.VisionTransformer):
         raise utils.UserError('export needs a classifier config (a *_finetune.yaml or '
                               '*_linearprobe.yaml), not a pre-training one')
-    model = transformer.build_model(config)
-    utils.load_pretrained(model, weights, config, log=log, require_head=True)
+    task.load_pretrained(model, weights, log, eval_only=True)
     model.eval()
     size = config.DATA.IMAGE_SIZE
     os.makedirs(output_dir, exist_ok=True)

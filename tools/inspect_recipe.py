@@ -10,17 +10,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402  (first: CPU environment before Paddle loads)
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process()  # first: CPU threads and math-library paths before Paddle loads
 
 import config as cfgmod  # noqa: E402
 import optim  # noqa: E402
 import transformer  # noqa: E402
+import utils  # noqa: E402
 
 
 def recipe(config, nranks, points_per_epoch=1):
-    model = transformer.build_model(config)
-    if config.TRAIN.MODE == 'linearprobe':
-        optim.freeze_for_linear_probe(model)
+    model = transformer.build_model(config)  # as the task trains it (the probe: frozen)
     lr = optim.peak_lr(config, nranks)
     steps = int(round(config.TRAIN.NUM_EPOCHS * points_per_epoch))
     schedule = [[i / points_per_epoch, optim.lr_at(i / points_per_epoch, config, lr)]

@@ -44,12 +44,9 @@ OFFICIAL = [f'vit_{size}_{stage}' for size in ('base_patch16_224', 'large_patch1
 def parameter_counts(config):
     """-> (all parameters, trained parameters) of the config's model, built without memory."""
     import paddle
-    import optim
     import transformer
     with paddle.LazyGuard():
-        model = transformer.build_model(config)
-    if config.TRAIN.MODE == 'linearprobe':
-        optim.freeze_for_linear_probe(model)
+        model = transformer.build_model(config)  # as its task trains it (the probe: frozen)
     total = sum(math.prod(p.shape) for p in model.parameters())
     trained = sum(math.prod(p.shape) for p in model.parameters() if not p.stop_gradient)
     return total, trained

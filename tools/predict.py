@@ -10,13 +10,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402  (first: CPU environment before Paddle loads)
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process()  # first: CPU threads and math-library paths before Paddle loads
 
 import numpy as np  # noqa: E402
 import paddle.inference as paddle_infer  # noqa: E402
 
+import augment  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
+import utils  # noqa: E402
 from export_model import model_files  # noqa: E402
 
 
@@ -26,7 +31,7 @@ class Predictor:
     def __init__(self, model_dir, use_gpu=False):
         program, params = model_files(model_dir)
         self.config = cfgmod.get_config(os.path.join(model_dir, 'config.yaml'))
-        self.transform = datasets.build_transform(False, self.config)
+        self.transform = augment.build_transform(False, self.config)
         cfg = paddle_infer.Config(program, params)
         if use_gpu:
             cfg.enable_use_gpu(256, 0)

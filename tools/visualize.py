@@ -15,30 +15,36 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402  (first: CPU environment before Paddle loads)
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process()  # first: CPU threads and math-library paths before Paddle loads
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import augment  # noqa: E402
+import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
 import transformer  # noqa: E402
+import utils  # noqa: E402
 
 COLUMNS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
 
 
 def load_mae(config, weights):
     """The MAE model of a pre-training config with weights that include the decoder."""
-    if config.TRAIN.MODE != 'pretrain':
+    model = transformer.build_model(config)
+    if not isinstance(model, transformer.MaskedAutoencoderViT):
         raise utils.UserError('visualize needs a pre-training config (*_pretrain.yaml)')
-    state = utils.load_file(weights, 'weights')
+    state = checkpoint.load_file(weights, 'weights')
     if 'decoder_pred.weight' not in state:
         raise utils.UserError(
             f'{weights} has no decoder (an encoder-only checkpoint such as '
             f'mae_pretrain_vit_*.pth): reconstructions need the decoder. Use a converted '
             f'mae_visualize_vit_*.pth or the latest.pdparams of a pre-training run')
-    model = transformer.build_model(config)
     missing = [k for k in model.state_dict() if k not in state]
     if missing:
         raise utils.UserError(f'{weights} does not fit the model of this config: missing '
@@ -101,7 +107,7 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
     eval_config = config.clone()
     eval_config.defrost()
     eval_config.DATA.CROP_PCT = 1.0  # whole image: resize the shorter side, centre crop
-    transform = datasets.build_transform(False, eval_config)
+    transform = augment.build_transform(False, eval_config)
     images = []
     for path in image_paths:
         try:

@@ -1,0 +1,213 @@
+"""Checkpoints: the one module that writes and reads them, for every entry point and tool.
+
+- save_checkpoint: latest.pdparams (model) + latest.pdopt (optimizer, training state, scaler),
+  written under temporary names and renamed, the previous pair kept as previous.*;
+- resume_prefix / find_resume_checkpoint: what -resume (a prefix, a file, or 'auto') points at;
+- resume: a pair loaded back; load_pretrained: MODEL.PRETRAINED (ours or converted official
+  weights) into a model, with the report of what was missing or unused.
+"""
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import paddle
+
+from utils import UserError, is_main_process
+
+
+def _fingerprint(path):
+    """Cheap identity of a checkpoint file: size + SHA-1 of its first and last MiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha1(str(size).encode())
+    with open(path, 'rb') as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path):
+    tmp = path + '.tmp'
+    paddle.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy=None):
+    """Write latest.pdparams (model) and latest.pdopt (optimizer + state + scaler).
+
+    state: dict with at least 'epoch' (epochs finished) and 'iter' (iterations into the next
+    epoch). Files are written under temporary names and renamed; the previous pair is kept as
+    previous.* (hard links) so that a kill between the two renames leaves one good pair, which
+    find_resume_checkpoint picks. epoch_copy=N also keeps epoch_{N}.pdparams.
+    Only the main process writes.
+    """
+    if not is_main_process():
+        return
+    latest = os.path.join(output_dir, 'latest')
+    params_tmp = _atomic_save(model.state_dict(), latest + '.pdparams.next')
+    opt = {'optimizer': optimizer.state_dict(), 'state': dict(state),
+           'model_fingerprint': _fingerprint(params_tmp)}
+    if scaler is not None:
+        opt['scaler'] = scaler.state_dict()
+    opt_tmp = _atomic_save(opt, latest + '.pdopt.next')
+    for ext in ('.pdparams', '.pdopt'):  # keep the current pair as previous.*
+        if os.path.exists(latest + ext):
+            link = os.path.join(output_dir, 'previous' + ext + '.tmp')
+            if os.path.exists(link):
+                os.remove(link)
+            os.link(latest + ext, link)
+            os.replace(link, os.path.join(output_dir, 'previous' + ext))
+    os.replace(params_tmp, latest + '.pdparams')
+    os.replace(opt_tmp, latest + '.pdopt')
+    if epoch_copy is not None:
+        dst = os.path.join(output_dir, f'epoch_{epoch_copy}.pdparams')
+        tmp = dst + '.tmp'
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.link(latest + '.pdparams', tmp)
+        os.replace(tmp, dst)
+
+
+def load_file(path, what):
+    """paddle.load(path); a missing or unreadable file is a UserError naming it as `what`."""
+    if not os.path.isfile(path):
+        raise UserError(f'{what} not found: {path}')
+    try:
+        return paddle.load(path)
+    except Exception as e:
+        raise UserError(f'cannot read {what} {path}: {e}') from None
+
+
+def load_checkpoint_pair(prefix):
+    """-> (model_state, opt_dict) for prefix.pdparams / prefix.pdopt, checking they belong
+    together; raises UserError naming the file otherwise."""
+    params, opt = prefix + '.pdparams', prefix + '.pdopt'
+    if not os.path.isfile(params):
+        raise UserError(f'checkpoint file not found: {params}')
+    opt_state = load_file(opt, 'checkpoint file')
+    if not isinstance(opt_state, dict) or 'state' not in opt_state:
+        raise UserError(f'{opt} is not a checkpoint written by this project')
+    fp = opt_state.get('model_fingerprint')
+    if fp is not None and fp != _fingerprint(params):
+        raise UserError(f'{params} and {opt} are from different saves (interrupted save?)')
+    return load_file(params, 'checkpoint file'), opt_state
+
+
+def resume_prefix(resume, output_dir, log=print):
+    """MODEL.RESUME -> the checkpoint prefix to load, or None to start from scratch.
+
+    resume: '' (no resume), 'auto' (the newest usable pair in output_dir, if any), or a prefix
+    such as OUT/latest, also given as OUT/latest.pdparams or OUT/latest.pdopt."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        prefix = find_resume_checkpoint(output_dir)
+        if prefix is None:
+            log(f'resume auto: no checkpoint in {output_dir}, starting from scratch')
+        return prefix
+    for ext in ('.pdparams', '.pdopt'):
+        if resume.endswith(ext):
+            return resume[:-len(ext)]
+    return resume
+
+
+def find_resume_checkpoint(output_dir):
+    """For -resume auto: the newest pair in output_dir that loads and belongs together
+    (latest.*, else previous.*), or None when the folder has none."""
+    errors = []
+    for name in ('latest', 'previous'):
+        prefix = os.path.join(output_dir, name)
+        if not os.path.exists(prefix + '.pdopt'):
+            continue
+        try:
+            load_checkpoint_pair(prefix)
+            return prefix
+        except UserError as e:
+            errors.append(str(e))
+    if errors:
+        print('resume: skipped unusable checkpoints: ' + '; '.join(errors), flush=True)
+    return None
+
+
+def resume(prefix, model, optimizer, scaler=None):
+    """Load a checkpoint pair into model / optimizer / scaler; returns the saved state dict."""
+    model_state, opt_state = load_checkpoint_pair(prefix)
+    model.set_state_dict(model_state)
+    optimizer.set_state_dict(opt_state['optimizer'])
+    if scaler is not None and 'scaler' in opt_state:
+        scaler.load_state_dict(opt_state['scaler'])
+    return opt_state['state']
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-trained weights
+# ---------------------------------------------------------------------------------------------
+def load_pretrained(model, path, log=print, require_head=False, head_init_std=2e-5):
+    """Load MODEL.PRETRAINED (a Paddle .pdparams: ours or converted official) into model.
+
+    Into a classifier: drops the decoder and anything the model does not have, interpolates
+    pos_embed when the resolution differs, and re-initialises the head when the checkpoint has
+    none that fits (trunc-normal head_init_std: the task's, 2e-5 fine-tune and 0.01 linear probe
+    as the official scripts). require_head (-eval): a head that does not fit is an error.
+    Reports the keys that were missing or unused. Returns (missing, unused).
+    """
+    import transformer  # (lazy: saving and resuming do not need the models)
+    state = load_file(path, 'pretrained weights')
+    if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
+        state = state['model']
+    if not isinstance(state, dict) or 'pos_embed' not in state:
+        raise UserError(f'{path} holds no ViT/MAE weights (no pos_embed); official .pth files '
+                        f'must be converted first: port_weights/convert_official.py')
+    own = model.state_dict()
+    pe = state['pos_embed']
+    if tuple(pe.shape) != tuple(own['pos_embed'].shape):
+        new_grid = model.patch_embed.grid_size
+        old_tokens = pe.shape[1] - 1
+        log(f'pretrained: interpolating pos_embed from {int(round(old_tokens ** 0.5))}^2 to '
+            f'{new_grid}^2 patches')
+        state = dict(state)
+        state['pos_embed'] = transformer.interpolate_pos_embed(
+            np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe), new_grid)
+    usable, unused, misfit = {}, [], []
+    for k, v in state.items():
+        if k in own and tuple(v.shape) == tuple(own[k].shape):
+            usable[k] = v
+        elif k in own:
+            misfit.append(f'{k} {list(v.shape)} (model: {list(own[k].shape)})')
+        else:
+            unused.append(k)
+    missing = [k for k in own if k not in usable]
+    head_keys = [k for k in missing if k.startswith('head.') and not k.startswith('head.0.')]
+    if require_head and head_keys:
+        raise UserError(f'{path} has no classifier head that fits the model '
+                        f'(MODEL.NUM_CLASSES {getattr(model, "num_classes", "?")}): '
+                        f'{misfit or "no head.* weights"}')
+    with warnings.catch_warnings():  # Paddle warns per key it skips; the report below says it
+        warnings.simplefilter('ignore')
+        model.set_state_dict(usable)
+    if head_keys and hasattr(model, 'init_head'):
+        model.init_head(head_init_std)
+        log(f'pretrained: head initialised fresh (trunc-normal std {head_init_std})')
+    log(f'pretrained: loaded {len(usable)} tensors from {path}')
+    if missing:
+        log(f'pretrained: missing (kept as initialised): {missing}')
+    if misfit:
+        log(f'pretrained: not loaded, shape differs: {misfit}')
+    if unused:
+        log(f'pretrained: unused: {_summarise(unused)}')
+    return missing, unused + [m.split()[0] for m in misfit]
+
+
+def _summarise(keys):
+    """Collapse decoder_blocks.N.* style keys so the report stays readable."""
+    groups = {}
+    for k in keys:
+        parts = k.split('.')
+        g = f'{parts[0]}.*' if len(parts) > 2 and parts[1].isdigit() else k
+        groups[g] = groups.get(g, 0) + 1
+    return [f'{g} ({n})' if n > 1 else g for g, n in groups.items()]
+
+

@@ -1,0 +1,189 @@
+"""Tasks: what each TRAIN.MODE trains and measures, in one place.
+
+get_task(config) looks TRAIN.MODE up once and gives an object that
+  - builds the model (with its head, and with what the task freezes frozen): build_model();
+  - loads MODEL.PRETRAINED into it: load_pretrained();
+  - computes the loss of a training batch: loss(model, batch, epoch);
+  - evaluates: evaluate(model, loader) -> dict of metrics (with 'n', the images counted);
+  - names the metric that picks the best checkpoint: best_metric (None: no evaluation);
+  - says what its data pipeline needs: needs_labels, single_draw_crop.
+The engine, the entry points and the tools ask the task; none of them branches on TRAIN.MODE.
+Adding a task is a class here (registered in TASKS and in config.CHOICES['TRAIN.MODE']), a
+config and a thin main_multi_gpu_<mode>.py.
+
+Batches are (images float32 [B, 3, H, W], labels int64 [B], sample ids int64 [B]): see
+datasets.py. Masks in pre-training are a property of the sample (DINOv2's habit): the noise
+of a sample is drawn from (SEED, epoch, sample id), whatever the data source, the batch it
+lands in, the number of processes or a resume.
+"""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+import checkpoint
+import mixup
+import transformer
+import utils
+from config import ConfigError
+
+
+def unwrap(model):
+    """The network inside paddle.DataParallel (or the model itself)."""
+    return model._layers if isinstance(model, paddle.DataParallel) else model
+
+
+def masking_noise(seed, epoch, sample_ids, num_patches):
+    """MAE's uniform masking noise (N, L) float32 for a batch: row i from (seed, epoch,
+    sample_ids[i]) only, so a sample gets the same mask in any batch, on any process."""
+    rows = [utils.rng(seed, epoch, int(i), 'mask').random(num_patches, dtype=np.float32)
+            for i in np.asarray(sample_ids).reshape(-1)]
+    return np.stack(rows)
+
+
+class Task:
+    """The interface; subclasses set the class attributes and implement loss / evaluate."""
+    mode = None
+    model_prefix = None       # MODEL.NAME must start with it ('mae_' or 'vit_')
+    best_metric = None        # evaluate()'s key that picks the best checkpoint (higher is better)
+    needs_labels = True       # the training set must be labelled
+    single_draw_crop = False  # training crop: one draw, no retries (official linear probe)
+    head_init_std = 2e-5      # trunc-normal std of a classifier head initialised fresh
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def evaluates(self):
+        return self.best_metric is not None
+
+    def build_model(self):
+        """The network of the config (transformer.build_from_config) as this task trains it."""
+        name, mode = self.config.MODEL.NAME, self.config.TRAIN.MODE
+        if not name.startswith(self.model_prefix):
+            raise ConfigError(f'MODEL.NAME {name!r} does not fit TRAIN.MODE {mode!r}: '
+                              f'pre-training uses an mae_* model, fine-tuning and linear probing '
+                              f'a vit_* model')
+        return transformer.build_from_config(self.config)
+
+    def load_pretrained(self, model, path, log=print, eval_only=False):
+        """MODEL.PRETRAINED into the model; under -eval (eval_only) the head must fit."""
+        return checkpoint.load_pretrained(model, path, log, require_head=eval_only,
+                                          head_init_std=self.head_init_std)
+
+    def loss(self, model, batch, epoch):
+        """Scalar training loss of one batch (model may be wrapped in paddle.DataParallel)."""
+        raise NotImplementedError
+
+    def evaluate(self, model, loader):
+        """-> dict of metrics over the whole loader, summed over all processes, with 'n'."""
+        raise NotImplementedError
+
+    def describe(self, metrics):
+        """One line for the log from evaluate()'s dict."""
+        return ' '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+
+
+class Pretrain(Task):
+    """MAE pre-training: masked patches reconstructed; no labels, no evaluation."""
+    mode = 'pretrain'
+    model_prefix = 'mae_'
+    needs_labels = False
+
+    def loss(self, model, batch, epoch):
+        images, ids = batch[0], batch[2]
+        noise = masking_noise(self.config.SEED, epoch, ids.numpy(),
+                              unwrap(model).patch_embed.num_patches)
+        return model(images, mask_ratio=self.config.MODEL.MASK_RATIO,
+                     noise=paddle.to_tensor(noise))[0]
+
+
+class Finetune(Task):
+    """Fine-tuning: the whole ViT classifier trains (mixup / cutmix / smoothing as configured);
+    evaluation is top-1 / top-5 accuracy and cross-entropy."""
+    mode = 'finetune'
+    model_prefix = 'vit_'
+    best_metric = 'val_acc1'
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.mixup_fn = self._mixup()
+        self.criterion = mixup.build_criterion(config)
+
+    def _mixup(self):
+        return mixup.build_mixup(self.config)
+
+    def loss(self, model, batch, epoch):
+        images, targets = batch[0], batch[1]
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        return self.criterion(model(images), targets)
+
+    @paddle.no_grad()
+    def evaluate(self, model, loader):
+        """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole eval set (under the
+        config's AMP autocast).
+
+        Sums are all-reduced, so with an eval sampler that gives each image to exactly one
+        process, n counts every image once whatever the number of processes.
+        """
+        net = unwrap(model)
+        net.eval()
+        sums = np.zeros(4)  # correct@1, correct@5, loss sum, count
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            labels = labels.reshape([-1]).astype('int64')
+            keep = labels.numpy() >= 0  # -1: an unreadable image replaced (ON_BAD_IMAGE skip)
+            if not keep.any():
+                continue
+            with utils.amp_context(self.config):
+                logits = net(images)
+            logits = logits.astype('float32')
+            if not keep.all():
+                idx = paddle.to_tensor(np.nonzero(keep)[0])
+                logits, labels = paddle.gather(logits, idx), paddle.gather(labels, idx)
+            loss = F.cross_entropy(logits, labels, reduction='sum')
+            k = min(5, logits.shape[1])
+            topk = paddle.topk(logits, k=k, axis=1)[1].numpy()
+            lab = labels.numpy()[:, None]
+            sums += [float((topk[:, :1] == lab).sum()), float((topk == lab).any(1).sum()),
+                     float(loss), len(lab)]
+        sums = utils.all_reduce_sum(sums)
+        n = int(round(sums[3]))
+        return {'val_acc1': 100.0 * sums[0] / max(n, 1), 'val_acc5': 100.0 * sums[1] / max(n, 1),
+                'val_loss': sums[2] / max(n, 1), 'n': n}
+
+    def describe(self, metrics):
+        return (f'acc1 {metrics["val_acc1"]:.2f} acc5 {metrics["val_acc5"]:.2f} loss '
+                f'{metrics["val_loss"]:.4f} on {metrics["n"]} images')
+
+
+class LinearProbe(Finetune):
+    """Official linear probe: BatchNorm (no affine) + Linear head on the frozen encoder's cls
+    token, the single-draw crop, no mixup; head std 0.01."""
+    mode = 'linearprobe'
+    single_draw_crop = True
+    head_init_std = 0.01
+
+    def _mixup(self):
+        return None
+
+    def build_model(self):
+        model = transformer.add_linear_probe_head(super().build_model())
+        for p in model.parameters():
+            p.stop_gradient = True
+        for layer in model.head.sublayers(include_self=True):
+            if isinstance(layer, paddle.nn.Linear):  # (BatchNorm statistics are not trained)
+                for p in layer.parameters(include_sublayers=False):
+                    p.stop_gradient = False
+        return model
+
+
+TASKS = {cls.mode: cls for cls in (Pretrain, Finetune, LinearProbe)}
+
+
+def get_task(config):
+    """The task of config.TRAIN.MODE."""
+    mode = config.TRAIN.MODE
+    if mode not in TASKS:
+        raise ConfigError(f'TRAIN.MODE is {mode!r}; choose one of {sorted(TASKS)}')
+    return TASKS[mode](config)
