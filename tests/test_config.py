@@ -147,3 +147,11 @@ def test_dump_round_trip(tmp_path):
     cfgmod.dump_config(c, path)
     assert cfgmod.get_config(path) == c
     assert not os.path.exists(path + '.tmp')
+
+
+def test_every_train_mode_is_a_task_and_each_task_has_an_entry_point():
+    import tasks
+    assert set(cfgmod.CHOICES['TRAIN.MODE']) == set(tasks.TASKS)
+    for mode in tasks.TASKS:
+        with open(os.path.join(ROOT, f'main_multi_gpu_{mode}.py')) as f:
+            assert f'runtime.main({mode!r})' in f.read()
