@@ -533,11 +533,6 @@ class EpochDataLoader(DataLoader):
             raise error from None
 
 
-def loader_for(config, is_train):
-    """build_loader of build_dataset: the training or evaluation loader of config.DATA."""
-    return build_loader(config, build_dataset(config, is_train=is_train), is_train=is_train)
-
-
 def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
     """Loader of `dataset` for this process (rank/num_replicas: Paddle's distributed env).
 

@@ -195,11 +195,13 @@ def run(mode, argv=None):
     if config.MODEL.PRETRAINED:
         task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info,
                              eval_only=getattr(args, 'eval', False))
-    val_loader = datasets.loader_for(config, is_train=False) if task.evaluates else None
+    val_loader = None
+    if task.evaluates:
+        val_loader = datasets.build_loader(config, task.build_dataset(False), is_train=False)
     if getattr(args, 'eval', False):
         evaluate_only(task, model, val_loader, config)
         return
-    train_loader = datasets.loader_for(config, is_train=True)
+    train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())
     fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
         scaler=build_scaler(config))

@@ -90,6 +90,10 @@ def _import_paddle_quietly():
     import contextlib
     import io
     import warnings
+
+    # NumPy before Paddle: with Paddle 2.6, importing Paddle first leaves PIL unable to decode
+    # PNGs in this process ("OSError: codec configuration error"; seen with Pillow 13).
+    import numpy  # noqa: F401
     warnings.filterwarnings('ignore', message='No ccache found')
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):

@@ -2,6 +2,7 @@
 
 get_task(config) looks TRAIN.MODE up once and gives an object that
   - builds the model (with its head, and with what the task freezes frozen): build_model();
+  - builds its training / evaluation data: build_dataset(is_train);
   - loads MODEL.PRETRAINED into it: load_pretrained();
   - computes the loss of a training batch: loss(model, batch, epoch);
   - evaluates: evaluate(model, loader) -> dict of metrics (with 'n', the images counted);
@@ -21,6 +22,7 @@ import paddle
 import paddle.nn.functional as F
 
 import checkpoint
+import datasets
 import mixup
 import transformer
 import utils
@@ -64,6 +66,11 @@ class Task:
                               f'pre-training uses an mae_* model, fine-tuning and linear probing '
                               f'a vit_* model')
         return transformer.build_from_config(self.config)
+
+    def build_dataset(self, is_train):
+        """The training or evaluation dataset: list files or class folders (datasets.py), with
+        the transforms of augment.build_transform. Samples are (image, label, sample id)."""
+        return datasets.build_dataset(self.config, is_train)
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
         """MODEL.PRETRAINED into the model; under -eval (eval_only) the head must fit."""

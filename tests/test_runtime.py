@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from conftest import ROOT
 
 MODULES = ['augment', 'checkpoint', 'config', 'cpu_kernels', 'datasets', 'engine', 'mixup',
@@ -60,15 +62,25 @@ import runtime
 print('started', flush=True)
 runtime.setup_process()
 import paddle
+from PIL import Image
+Image.open(sys.argv[1]).load()  # (Paddle 2.6 imported before NumPy broke PNG decoding)
 print(json.dumps({{k: os.environ.get(k) for k in {ENV_KEYS!r}}}))
 print(json.dumps(paddle.get_flags(['FLAGS_use_stride_kernel'])))
 '''
 
 
+def _png(tmp_path):
+    from PIL import Image
+    path = str(tmp_path / 'image.png')
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(path)
+    return path
+
+
 def test_setup_process_restarts_a_script_once_with_malloc_settings(tmp_path):
     script = tmp_path / 'script.py'
     script.write_text(SCRIPT)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    png = _png(tmp_path)
+    r = subprocess.run([sys.executable, str(script), png], capture_output=True, text=True,
                        env=clean_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
@@ -81,7 +93,7 @@ def test_setup_process_restarts_a_script_once_with_malloc_settings(tmp_path):
     # with the variables exported (as run_scripts/*.sh do) there is no restart
     exported = dict(clean_env(), MALLOC_MMAP_THRESHOLD_='4294967296',
                     MALLOC_TRIM_THRESHOLD_='4294967296')
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(script), png], capture_output=True, text=True,
                        env=exported, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
@@ -89,8 +101,8 @@ def test_setup_process_restarts_a_script_once_with_malloc_settings(tmp_path):
 
 
 def test_setup_process_never_restarts_stdin(tmp_path):
-    r = subprocess.run([sys.executable, '-'], input=SCRIPT, capture_output=True, text=True,
-                       cwd=str(tmp_path), env=clean_env(), timeout=300)
+    r = subprocess.run([sys.executable, '-', _png(tmp_path)], input=SCRIPT, capture_output=True,
+                       text=True, cwd=str(tmp_path), env=clean_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert lines.count('started') == 1
