@@ -14,7 +14,7 @@ import paddle.distributed as dist
 import checkpoint
 import datasets
 import optim
-import tasks as tasks_lib
+import tasks
 import utils
 
 
@@ -188,9 +188,9 @@ def evaluate_only(task, model, val_loader, config):
 def run(mode, argv=None):
     """An entry point: flags -> config -> the task's model, data and optimizer -> fit (or,
     with -eval, evaluate_only). main_multi_gpu_<mode>.py is this call."""
-    config, args, logger = utils.setup(mode, argv, can_eval=tasks_lib.TASKS[mode].best_metric
-                                       is not None)
-    task = tasks_lib.get_task(config)
+    evaluates = tasks.TASKS[mode].best_metric is not None
+    config, args, logger = utils.setup(mode, argv, can_eval=evaluates)
+    task = tasks.get_task(config)
     model = task.build_model()
     if config.MODEL.PRETRAINED:
         task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info,
