@@ -72,13 +72,30 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy
 
 
 def load_file(path, what):
-    """paddle.load(path); a missing or unreadable file is a UserError naming it as `what`."""
+    """paddle.load(path); a missing or unreadable file is a UserError naming it as `what`, and a
+    PyTorch checkpoint one that gives the command converting it."""
     if not os.path.isfile(path):
         raise UserError(f'{what} not found: {path}')
+    if is_torch_checkpoint(path):
+        stem = os.path.splitext(path)[0]
+        raise UserError(f'{path} is a PyTorch checkpoint; convert it first: python '
+                        f'port_weights/convert_official.py --src {path} --dst {stem}.pdparams')
     try:
         return paddle.load(path)
     except Exception as e:
         raise UserError(f'cannot read {what} {path}: {e}') from None
+
+
+def is_torch_checkpoint(path):
+    """torch.save's zip format: an archive holding <dir>/data.pkl (paddle.save writes pickles)."""
+    import zipfile
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith('/data.pkl') for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def load_checkpoint_pair(prefix):
@@ -145,14 +162,19 @@ def resume(prefix, model, optimizer, scaler=None):
 # ---------------------------------------------------------------------------------------------
 # pre-trained weights
 # ---------------------------------------------------------------------------------------------
-def load_pretrained(model, path, log=print, require_head=False, head_init_std=2e-5):
+def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
+                    head_init_std=2e-5):
     """Load MODEL.PRETRAINED (a Paddle .pdparams: ours or converted official) into model.
 
-    Into a classifier: drops the decoder and anything the model does not have, interpolates
-    pos_embed when the resolution differs, and re-initialises the head when the checkpoint has
-    none that fits (trunc-normal head_init_std: the task's, 2e-5 fine-tune and 0.01 linear probe
-    as the official scripts). require_head (-eval): a head that does not fit is an error.
-    Reports the keys that were missing or unused. Returns (missing, unused).
+    The weights must fit: a tensor of the model that the checkpoint lacks, or holds in another
+    shape, is a UserError saying what the checkpoint is and what the config builds -- except
+    under the name prefixes in `reinit`, the parts the task initialises afresh by design (a
+    classifier's head and, with global pooling, fc_norm; pre-training's decoder), and except
+    pos_embed, which is interpolated when only the patch grid differs (fine-tuning at another
+    resolution). eval_only (-eval, export): nothing may be missing or differ. Tensors of the
+    checkpoint the model does not use (the decoder, in fine-tuning) are listed, not an error.
+    A head initialised afresh gets trunc-normal head_init_std (2e-5 fine-tune, 0.01 probe, as
+    the official scripts). Returns (missing, unused).
     """
     import transformer  # (lazy: saving and resuming do not need the models)
     state = load_file(path, 'pretrained weights')
@@ -162,8 +184,10 @@ def load_pretrained(model, path, log=print, require_head=False, head_init_std=2e
         raise UserError(f'{path} holds no ViT/MAE weights (no pos_embed); official .pth files '
                         f'must be converted first: port_weights/convert_official.py')
     own = model.state_dict()
+    reinit = () if eval_only else tuple(reinit)
     pe = state['pos_embed']
-    if tuple(pe.shape) != tuple(own['pos_embed'].shape):
+    if tuple(pe.shape) != tuple(own['pos_embed'].shape) and pe.shape[-1] == \
+            own['pos_embed'].shape[-1] and not eval_only:
         new_grid = model.patch_embed.grid_size
         old_tokens = pe.shape[1] - 1
         log(f'pretrained: interpolating pos_embed from {int(round(old_tokens ** 0.5))}^2 to '
@@ -176,18 +200,25 @@ def load_pretrained(model, path, log=print, require_head=False, head_init_std=2e
         if k in own and tuple(v.shape) == tuple(own[k].shape):
             usable[k] = v
         elif k in own:
-            misfit.append(f'{k} {list(v.shape)} (model: {list(own[k].shape)})')
+            misfit.append(k)
         else:
             unused.append(k)
     missing = [k for k in own if k not in usable]
-    head_keys = [k for k in missing if k.startswith('head.') and not k.startswith('head.0.')]
-    if require_head and head_keys:
-        raise UserError(f'{path} has no classifier head that fits the model '
-                        f'(MODEL.NUM_CLASSES {getattr(model, "num_classes", "?")}): '
-                        f'{misfit or "no head.* weights"}')
+    wrong = [k for k in misfit if not k.startswith(reinit)]
+    absent = [k for k in missing if k not in misfit and not k.startswith(reinit)]
+    if wrong or absent:
+        what = describe_weights(state)
+        builds = describe_weights(own)
+        details = '; '.join(
+            [f'{k} is {list(state[k].shape)} there, {list(own[k].shape)} here' for k in wrong[:3]]
+            + ([f'missing there: {_summarise(absent)}'] if absent else []))
+        hint = (' (-eval and export need the weights of exactly this model)' if eval_only else '')
+        raise UserError(f'{path} does not fit the model of this config{hint}: the checkpoint is '
+                        f'{what}, the config builds {builds}; {details}')
     with warnings.catch_warnings():  # Paddle warns per key it skips; the report below says it
         warnings.simplefilter('ignore')
         model.set_state_dict(usable)
+    head_keys = [k for k in missing if k.startswith('head.') and not k.startswith('head.0.')]
     if head_keys and hasattr(model, 'init_head'):
         model.init_head(head_init_std)
         log(f'pretrained: head initialised fresh (trunc-normal std {head_init_std})')
@@ -195,10 +226,28 @@ def load_pretrained(model, path, log=print, require_head=False, head_init_std=2e
     if missing:
         log(f'pretrained: missing (kept as initialised): {missing}')
     if misfit:
-        log(f'pretrained: not loaded, shape differs: {misfit}')
+        log(f'pretrained: not loaded, shape differs (initialised afresh by design): {misfit}')
     if unused:
         log(f'pretrained: unused: {_summarise(unused)}')
-    return missing, unused + [m.split()[0] for m in misfit]
+    return missing, unused + misfit
+
+
+def describe_weights(state):
+    """A ViT state dict in words: 'ViT-B/16: embed 768, 12 blocks, 14x14 patches' (the label
+    when the patch size, width and depth are a named size's)."""
+    import transformer
+    pe, proj = state.get('pos_embed'), state.get('patch_embed.proj.weight')
+    if pe is None or proj is None:
+        return 'not a ViT (no pos_embed / patch_embed.proj.weight)'
+    embed, patch = int(pe.shape[-1]), int(proj.shape[-1])
+    depth = 1 + max([int(k.split('.')[1]) for k in state if k.startswith('blocks.')],
+                    default=-1)
+    grid = int(round((pe.shape[1] - 1) ** 0.5))
+    label = next((lbl for name, (lbl, shape) in transformer.NAMED_SHAPES.items()
+                  if name.startswith('vit_') and (shape['patch_size'], shape['embed_dim'],
+                                                  shape['depth']) == (patch, embed, depth)),
+                 f'ViT/{patch}')
+    return f'{label}: embed {embed}, {depth} blocks, {grid}x{grid} patches of {patch}'
 
 
 def _summarise(keys):

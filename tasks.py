@@ -50,6 +50,7 @@ class Task:
     needs_labels = True       # the training set must be labelled
     single_draw_crop = False  # training crop: one draw, no retries (official linear probe)
     head_init_std = 2e-5      # trunc-normal std of a classifier head initialised fresh
+    reinit = ('head.',)       # parameter-name prefixes initialised afresh, not pre-trained
 
     def __init__(self, config):
         self.config = config
@@ -73,9 +74,10 @@ class Task:
         return datasets.build_dataset(self.config, is_train)
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
-        """MODEL.PRETRAINED into the model; under -eval (eval_only) the head must fit."""
-        return checkpoint.load_pretrained(model, path, log, require_head=eval_only,
-                                          head_init_std=self.head_init_std)
+        """MODEL.PRETRAINED into the model: everything but `reinit` must fit; under -eval
+        (eval_only) everything must."""
+        return checkpoint.load_pretrained(model, path, log, reinit=self.reinit,
+                                          eval_only=eval_only, head_init_std=self.head_init_std)
 
     def loss(self, model, batch, epoch):
         """Scalar training loss of one batch (model may be wrapped in paddle.DataParallel)."""
@@ -95,6 +97,7 @@ class Pretrain(Task):
     mode = 'pretrain'
     model_prefix = 'mae_'
     needs_labels = False
+    reinit = ('decoder_', 'mask_token')  # an encoder-only checkpoint: a fresh decoder
 
     def loss(self, model, batch, epoch):
         images, ids = batch[0], batch[2]
@@ -110,6 +113,7 @@ class Finetune(Task):
     mode = 'finetune'
     model_prefix = 'vit_'
     best_metric = 'val_acc1'
+    reinit = ('head.', 'fc_norm.')  # as the official main_finetune's expected missing keys
 
     def __init__(self, config):
         super().__init__(config)
@@ -170,6 +174,7 @@ class LinearProbe(Finetune):
     mode = 'linearprobe'
     single_draw_crop = True
     head_init_std = 0.01
+    reinit = ('head.',)
 
     def _mixup(self):
         return None

@@ -243,12 +243,20 @@ def test_eval_converted_official_weights_matches_reference(tmp_path_factory, npr
     assert result['val_acc1'] == pytest.approx(acc1, abs=1e-9)
 
 
+def _torch_file(path):
+    import torch
+    torch.save({'model': {'pos_embed': torch.zeros(1, 5, 8)}}, str(path))
+    return str(path)
+
+
 def test_user_errors_are_one_line(data, tmp_path):
     cases = [
         (['-data_path', str(tmp_path / 'nowhere')], 'data folder not found'),
         (['-data_path', data, '-opts', 'TRAIN.NOPE', '1'], 'unknown config key TRAIN.NOPE'),
         (['-data_path', data, '-pretrained', str(tmp_path / 'x.pdparams')],
          'pretrained weights not found'),
+        (['-data_path', data, '-pretrained', _torch_file(tmp_path / 'mae.pth')],
+         'is a PyTorch checkpoint; convert it first: python port_weights/convert_official.py'),
     ]
     for args, message in cases:
         r = subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu_finetune.py'),
