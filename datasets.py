@@ -310,27 +310,37 @@ class ImageListDataset(ImageDataset):
 
 
 class ImageFolderDataset(ImageDataset):
-    """root/<class>/**/<image>: classes are the sorted sub-folder names, labels their index.
+    """root/<class>/**/<image>: labels are the index of the class folder's name in `classes`.
 
+    classes: the class names that define the labels -- the training set's, so that validation
+    uses the same map (a class folder of root that is not among them is a DataError naming it);
+    None: root's own class folders, sorted. Hidden folders (.ipynb_checkpoints, .git ...) are
+    neither classes nor searched for images. num_classes: the number of classes must equal it.
     A folder holding images and no sub-folders gives unlabelled samples (IGNORE_LABEL), unless
     require_labels. Files are recognised by extension (IMG_EXTENSIONS, any case).
     """
 
     def __init__(self, root, transform=None, require_labels=True, num_classes=None,
-                 on_bad_image='error', mark_skipped=False):
+                 on_bad_image='error', mark_skipped=False, classes=None):
         if not os.path.isdir(root):
             raise DataError(f'image folder not found: {root}')
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        own = class_folders(root)
+        self.classes = list(classes) if classes is not None else own
+        unknown = [c for c in own if c not in self.classes]
+        if unknown:
+            raise DataError(f'{os.path.join(root, unknown[0])}: a class folder the training set '
+                            f'does not have (its classes: {_names(self.classes)})')
+        if self.classes and num_classes is not None and len(self.classes) != num_classes:
+            raise DataError(f'{root} has {len(self.classes)} class folders '
+                            f'({_names(self.classes)}) but MODEL.NUM_CLASSES is {num_classes}: '
+                            f'set -opts MODEL.NUM_CLASSES {len(self.classes)}')
         paths, labels = [], []
-        if self.classes:
-            if num_classes is not None and len(self.classes) > num_classes:
-                raise DataError(f'{root} has {len(self.classes)} class folders but '
-                                f'MODEL.NUM_CLASSES is {num_classes}')
-            for label, name in enumerate(self.classes):
+        if own:
+            for name in own:
                 found = _images_under(os.path.join(root, name))
                 paths += found
-                labels += [label] * len(found)
+                labels += [self.classes.index(name)] * len(found)
         else:
             if require_labels:
                 raise DataError(f'{root} has no class sub-folders; fine-tuning, linear probing '
@@ -342,12 +352,22 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(paths, labels, transform, on_bad_image, mark_skipped)
 
 
+def class_folders(root):
+    """The sorted names of root's class sub-folders, hidden ones left out."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _names(classes, most=10):
+    shown = ', '.join(classes[:most])
+    return shown + (f', ... ({len(classes)} in all)' if len(classes) > most else '')
+
+
 def _images_under(folder):
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMG_EXTENSIONS)]
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
     return found
 
 
@@ -355,7 +375,8 @@ def build_dataset(config, is_train, transform=None):
     """The training or validation dataset of config.DATA (list file first, else a folder of
     class sub-folders: DATA_PATH/train or DATA_PATH/val), with build_transform's transform
     unless one is given. Labels are required except for a training set of a task that needs
-    none (pre-training)."""
+    none (pre-training). Class folders: one class map, the training folders' (hidden ones
+    skipped), applied to val/ too, its size equal to MODEL.NUM_CLASSES."""
     d = config.DATA
     if not d.DATA_PATH:
         raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
@@ -374,7 +395,12 @@ def build_dataset(config, is_train, transform=None):
         return ImageListDataset(d.DATA_PATH, list_file, **common)
     folder = os.path.join(d.DATA_PATH, 'train' if is_train else 'val')
     if os.path.isdir(folder):
-        return ImageFolderDataset(folder, **common)
+        train_folder = os.path.join(d.DATA_PATH, 'train')
+        classes = None  # validation: the training folders' class map, whatever val/ holds
+        if not is_train and need_labels and os.path.isdir(train_folder) and \
+                not os.path.isfile(os.path.join(d.DATA_PATH, d.TRAIN_LIST)):
+            classes = class_folders(train_folder) or None
+        return ImageFolderDataset(folder, classes=classes, **common)
     raise DataError(f'{d.DATA_PATH}: found neither the list file {list_name} (DATA.{list_key}) '
                     f'nor a folder {os.path.basename(folder)}/ of class sub-folders')
 

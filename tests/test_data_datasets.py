@@ -87,13 +87,46 @@ def test_class_folders(tmp_path):
         for i in range(n):
             H.noise_image(8, 8, i).save(tmp_path / 'train' / cls / 'sub' / f'{i}.JPEG')
     (tmp_path / 'train' / 'a_cat' / 'notes.txt').write_text('not an image')
-    cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path))
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=2)
     ds = datasets.build_dataset(cfg, is_train=True)
     assert isinstance(ds, datasets.ImageFolderDataset)
     assert ds.classes == ['a_cat', 'b_dog'] and ds.labels.tolist() == [0, 0, 0, 1, 1]
     image, label, sample_id = ds[4]
     assert image.shape == (3, 32, 32) and image.dtype == np.float32 and label == 1
     assert sample_id == 4
+
+
+def _folders(root, split, classes, n=1):
+    for cls in classes:
+        os.makedirs(root / split / cls, exist_ok=True)
+        for i in range(n):
+            H.noise_image(8, 8, i).save(root / split / cls / f'{i}.png')
+
+
+def test_val_folders_get_the_training_class_map(tmp_path):
+    """A val/ without one of train/'s classes must not shift the later labels; hidden folders
+    (a notebook's checkpoints) are no class and hold no images."""
+    _folders(tmp_path, 'train', ['circle', 'square', 'triangle', '.ipynb_checkpoints'])
+    _folders(tmp_path, 'val', ['circle', 'triangle'], n=2)
+    _folders(tmp_path / 'val' / 'triangle', '.ipynb_checkpoints', ['x'])
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=3)
+    train = datasets.build_dataset(cfg, is_train=True)
+    val = datasets.build_dataset(cfg, is_train=False)
+    assert train.classes == val.classes == ['circle', 'square', 'triangle']
+    assert val.labels.tolist() == [0, 0, 2, 2] and len(train) == 3
+
+
+def test_class_folder_mistakes_are_errors_naming_the_folders(tmp_path):
+    _folders(tmp_path, 'train', ['circle', 'square', 'triangle'])
+    _folders(tmp_path, 'val', ['circle', 'hexagon'])
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path))  # NUM_CLASSES 10
+    with pytest.raises(DataError, match=r"has 3 class folders \(circle, square, triangle\) but "
+                                        r"MODEL.NUM_CLASSES is 10: set -opts MODEL.NUM_CLASSES 3"):
+        datasets.build_dataset(cfg, is_train=True)
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=3)
+    with pytest.raises(DataError, match=r"val/hexagon: a class folder the training set does not "
+                                        r"have \(its classes: circle, square, triangle\)"):
+        datasets.build_dataset(cfg, is_train=False)
 
 
 def test_flat_folder_is_unlabelled_for_pretraining_only(tmp_path):
