@@ -71,15 +71,20 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy
         os.replace(tmp, dst)
 
 
-def load_file(path, what):
-    """paddle.load(path); a missing or unreadable file is a UserError naming it as `what`, and a
-    PyTorch checkpoint one that gives the command converting it."""
+def check_file(path, what):
+    """A UserError naming `what` unless path is a file paddle.load may read: missing, or a
+    PyTorch checkpoint (with the command converting it)."""
     if not os.path.isfile(path):
         raise UserError(f'{what} not found: {path}')
     if is_torch_checkpoint(path):
         stem = os.path.splitext(path)[0]
         raise UserError(f'{path} is a PyTorch checkpoint; convert it first: python '
                         f'port_weights/convert_official.py --src {path} --dst {stem}.pdparams')
+
+
+def load_file(path, what):
+    """paddle.load(path), after check_file; an unreadable file is a UserError naming it."""
+    check_file(path, what)
     try:
         return paddle.load(path)
     except Exception as e:
@@ -129,6 +134,62 @@ def resume_prefix(resume, output_dir, log=print):
         if resume.endswith(ext):
             return resume[:-len(ext)]
     return resume
+
+
+RUN_FILES = ('config.yaml', 'log.txt', 'latest.pdparams', 'latest.pdopt', 'previous.pdparams',
+             'previous.pdopt')
+# keys that may change when a run is resumed: they do not change what is computed
+RESUME_MAY_CHANGE = ('MODEL.RESUME', 'MODEL.PRETRAINED', 'OUTPUT', 'DATA.DATA_PATH',
+                     'DATA.NUM_WORKERS', 'DATA.BATCH_SIZE_EVAL', 'REPORT_FREQ', 'SAVE_FREQ',
+                     'SAVE_FREQ_ITERS', 'VALIDATE_FREQ')
+
+
+def check_run_folder(config):
+    """Before anything is written: OUTPUT must be a folder we may write, and a run already in it
+    is never overwritten: without MODEL.RESUME that is an error giving the two ways on.
+    Returns, for a resume, the settings that differ from the run's saved config.yaml ('KEY old
+    -> new', keys of RESUME_MAY_CHANGE left out) for the log: a resume may change them on
+    purpose (a lower TRAIN.BASE_LR after a divergence), never silently."""
+    out = config.OUTPUT
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f'-output {out} is a file, not a folder')
+    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f'-output {out}: cannot write in {parent} (permission denied)')
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + \
+        sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
+               if f.startswith('epoch_') and f.endswith('.pdparams'))
+    if not config.MODEL.RESUME:
+        if found:
+            raise UserError(f'{out} already holds a run ({", ".join(found[:4])}): continue it '
+                            f'with -resume auto, or start a new one with another -output')
+        return []
+    folder = out if config.MODEL.RESUME == 'auto' else os.path.dirname(config.MODEL.RESUME)
+    saved = os.path.join(folder, 'config.yaml')
+    return config_differences(saved, config) if os.path.isfile(saved) else []
+
+
+def config_differences(saved_path, config):
+    """'KEY saved -> now' for each config key (but RESUME_MAY_CHANGE) that differs."""
+    import config as cfgmod
+    try:
+        saved = cfgmod.get_config(saved_path)
+    except cfgmod.ConfigError as e:
+        raise UserError(f'cannot read the saved config of the run: {e}') from None
+
+    def flat(node, prefix=''):
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f'{prefix}{k}.'))
+            else:
+                out[prefix + k] = v
+        return out
+    a, b = flat(saved), flat(config)
+    return [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+            if k not in RESUME_MAY_CHANGE and k != 'BASE' and a.get(k) != b.get(k)]
 
 
 def find_resume_checkpoint(output_dir):

@@ -86,7 +86,7 @@ _C.SAVE_FREQ_ITERS = 0    # also write latest.* every this many iterations; 0 = 
 _C.REPORT_FREQ = 20       # iterations between log lines
 _C.VALIDATE_FREQ = 1      # epochs between validations (fine-tune / linear probe)
 _C.SEED = 0
-_C.OUTPUT = 'output'
+_C.OUTPUT = ''           # run folder; '' = output/<config file name without .yaml>
 
 CHOICES = {
     'DATA.ON_BAD_IMAGE': ('error', 'skip'),

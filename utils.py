@@ -45,6 +45,12 @@ def init_distributed():
     return dist.get_rank(), world
 
 
+def barrier():
+    """Wait for every process (a no-op for one)."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def is_main_process():
     return dist.get_rank() == 0
 
@@ -200,10 +206,13 @@ def parse_args(stage, argv=None, can_eval=True):
 def setup(stage, argv=None, can_eval=True):
     """Flags -> checked config; output folder with the resolved config.yaml; distributed
     set-up; returns (config, args, logger)."""
+    import checkpoint
     import config as cfgmod
     args = parse_args(stage, argv, can_eval)
     config = cfgmod.get_config(args.cfg)
     cfgmod.update_config(config, args)
+    if not config.OUTPUT:  # a folder per config, so that stages and sizes do not collide
+        config.OUTPUT = os.path.join('output', os.path.splitext(os.path.basename(args.cfg))[0])
     if config.TRAIN.MODE != stage:
         raise UserError(f'{args.cfg}: TRAIN.MODE is {config.TRAIN.MODE!r} but this script is '
                         f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
@@ -212,14 +221,25 @@ def setup(stage, argv=None, can_eval=True):
                         'class sub-folders)')
     if not os.path.isdir(config.DATA.DATA_PATH):
         raise UserError(f'data folder not found: {config.DATA.DATA_PATH}')
+    if config.MODEL.PRETRAINED:
+        checkpoint.check_file(config.MODEL.PRETRAINED, 'pretrained weights')
+    if config.MODEL.RESUME not in ('', 'auto'):
+        checkpoint.check_file(checkpoint.resume_prefix(config.MODEL.RESUME, '') + '.pdparams',
+                              'checkpoint file')
     if config.TRAIN.AMP and not paddle.is_compiled_with_cuda():
         print(f'note: TRAIN.AMP {config.TRAIN.AMP!r} has no effect on CPU; training in float32',
               flush=True)
     config.freeze()
-    init_distributed()
-    seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
     eval_only = getattr(args, 'eval', False)
+    init_distributed()
+    changed = []
+    if not eval_only:
+        changed = checkpoint.check_run_folder(config)
+        barrier()  # every process has looked at the folder before the main one writes in it
+    seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
     logger = Logger(None if eval_only else config.OUTPUT)
+    if changed:
+        logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')
     if is_main_process() and not eval_only:
         cfgmod.dump_config(config, os.path.join(config.OUTPUT, 'config.yaml'))
     return config, args, logger

@@ -40,6 +40,9 @@ train() { # script config output batch [flags]
   "$PYTHON" "main_multi_gpu_$script.py" -cfg "configs/$cfg.yaml" -data_path "$DATA" \
     -output "$out" ${batch:+-batch_size "$batch"} "$@"
 }
+for run in pretrain linearprobe linearprobe_random finetune; do  # a rerun starts afresh
+  if [[ -d $OUT/$run ]]; then echo "(replacing the earlier quickstart run $OUT/$run)"; rm -rf -- "${OUT:?}/$run"; fi
+done
 step "pre-training the tiny MAE for $PRETRAIN_EPOCHS epochs -> $OUT/pretrain"
 train pretrain tiny_pretrain "$OUT/pretrain" "${PRETRAIN_BATCH:-}" -opts TRAIN.NUM_EPOCHS "$PRETRAIN_EPOCHS"
 PRE=$OUT/pretrain/latest.pdparams

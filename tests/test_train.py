@@ -265,6 +265,7 @@ def test_user_errors_are_one_line(data, tmp_path):
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+        assert not os.path.exists(tmp_path / 'o')  # stopped before anything was written
 
 
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(data, tmp_path):
@@ -279,3 +280,34 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(data, tmp_path):
             opts=opts + ['TRAIN.BASE_LR', '1e30'], check=False)
     assert r.returncode == 2 and 'loss is' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert max_diff(good, params(os.path.join(out, 'latest.pdparams'))) == 0
+    # the resume said what it changed (the lr the NaN message advises to lower, here raised)
+    assert 'resume: settings changed since the run was started: TRAIN.BASE_LR 0.002 -> 1e+30' \
+        in r.stdout, r.stdout
+
+
+def test_a_finished_run_is_never_overwritten(data, pretrained, tmp_path):
+    out = pretrained[0]
+    before = {f: open(os.path.join(out, f), 'rb').read() for f in ('latest.pdparams', 'log.txt',
+                                                                   'config.yaml')}
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+            '-output', out, '-batch_size', '16', opts=PRETRAIN_OPTS, check=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f'error: {out} already holds a run (config.yaml, log.txt, latest.pdparams, '
+        f'latest.pdopt): continue it with -resume auto, or start a new one with another -output')
+    assert {f: open(os.path.join(out, f), 'rb').read() for f in before} == before
+    file = tmp_path / 'a_file'
+    file.write_text('x')
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+            '-output', str(file), opts=PRETRAIN_OPTS, check=False)
+    assert r.returncode == 2 and f'error: -output {file} is a file, not a folder' in r.stderr
+
+
+def test_default_output_folder_is_per_config(data, tmp_path, monkeypatch):
+    import utils
+    monkeypatch.chdir(tmp_path)
+    config, _, logger = utils.setup('finetune', [
+        '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'), '-data_path', data])
+    logger.close()
+    assert config.OUTPUT == os.path.join('output', 'tiny_finetune')
+    assert (tmp_path / 'output' / 'tiny_finetune' / 'config.yaml').is_file()
