@@ -98,6 +98,51 @@ CHOICES = {
 }
 
 
+# key -> (test, what a valid value is): values a user can get wrong, checked by check_values()
+RANGES = {
+    'DATA.IMAGE_SIZE': (lambda v: v >= 1, '>= 1'),
+    'DATA.BATCH_SIZE': (lambda v: v >= 1, '>= 1'),
+    'DATA.BATCH_SIZE_EVAL': (lambda v: v >= 1, '>= 1'),
+    'DATA.NUM_WORKERS': (lambda v: v >= 0, '>= 0 (0: load in the training process)'),
+    'DATA.CROP_PCT': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+    'MODEL.NUM_CLASSES': (lambda v: v >= 1, '>= 1'),
+    'MODEL.DROP_PATH': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'MODEL.MASK_RATIO': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'TRAIN.NUM_EPOCHS': (lambda v: v >= 1, '>= 1'),
+    'TRAIN.WARMUP_EPOCHS': (lambda v: v >= 0, '>= 0'),
+    'TRAIN.BASE_LR': (lambda v: v > 0, '> 0'),
+    'TRAIN.MIN_LR': (lambda v: v >= 0, '>= 0'),
+    'TRAIN.LR_SCALE_DIVISOR': (lambda v: v > 0, '> 0'),
+    'TRAIN.WEIGHT_DECAY': (lambda v: v >= 0, '>= 0'),
+    'TRAIN.LAYER_DECAY': (lambda v: 0 < v <= 1, 'in (0, 1] (1: off)'),
+    'TRAIN.ACCUM_ITER': (lambda v: v >= 1, '>= 1'),
+    'TRAIN.GRAD_CLIP': (lambda v: v >= 0, '>= 0 (0: off)'),
+    'TRAIN.SMOOTHING': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'TRAIN.MIXUP_ALPHA': (lambda v: v >= 0, '>= 0 (0: off)'),
+    'TRAIN.CUTMIX_ALPHA': (lambda v: v >= 0, '>= 0 (0: off)'),
+    'TRAIN.MIXUP_PROB': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'TRAIN.MIXUP_SWITCH_PROB': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'TRAIN.RANDOM_ERASE_PROB': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'TRAIN.RANDOM_ERASE_COUNT': (lambda v: v >= 1, '>= 1'),
+    'SAVE_FREQ': (lambda v: v >= 1, '>= 1 (epochs)'),
+    'SAVE_FREQ_ITERS': (lambda v: v >= 0, '>= 0 (0: off)'),
+    'REPORT_FREQ': (lambda v: v >= 1, '>= 1 (iterations)'),
+    'VALIDATE_FREQ': (lambda v: v >= 1, '>= 1 (epochs)'),
+}
+
+
+def check_values(config):
+    """Every value of RANGES in its range, else ConfigError naming the key, the value and what
+    would be valid (types and CHOICES are checked when the config is read)."""
+    for key, (ok, valid) in RANGES.items():
+        node = config
+        for part in key.split('.'):
+            node = node[part]
+        if not ok(node):
+            raise ConfigError(f'config key {key} must be {valid}, got {node!r}')
+    return config
+
+
 class ConfigError(ValueError):
     """A mistake in a config file or command-line override; the message names the key."""
 

@@ -593,15 +593,10 @@ def _config_value(config, key):
     return node
 
 
-def build_from_config(config):
-    """The model MODEL.NAME names, built from the config: the one place that maps config keys to
-    constructor keywords. DATA.IMAGE_SIZE, the shape (MODEL.ENCODER, and MODEL.DECODER for
-    mae_*), MODEL.RECOMPUTE, and MODEL.NORM_PIX_LOSS (mae_*) or MODEL.NUM_CLASSES / DROP_PATH /
-    GLOBAL_POOL (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
-
-    A named size (vit_base_patch16 ...) fixes its shape: shape keys that contradict it raise
-    config.ConfigError naming both; *_custom names take the shape from the config.
-    """
+def model_shape(config):
+    """The shape keywords of the model MODEL.NAME names, from the config, checked: an unknown
+    name, a named size that the config's shape keys contradict (config.ConfigError naming both),
+    an image size that is no multiple of the patch, a width the heads do not divide."""
     m = config.MODEL
     if m.NAME not in FACTORIES:
         raise ConfigError(f'MODEL.NAME {m.NAME!r} is not a known model; '
@@ -622,6 +617,29 @@ def build_from_config(config):
                 + ', '.join(f'{keys[a]} is {shape[a]}' for a in wrong)
                 + f': use a vit_{arch}_224_* config (shape in configs/base/vit_{arch}_224.yaml), '
                 f'or MODEL.NAME {generic} to take the shape from {sections}')
+    for dim, heads in (('embed_dim', 'num_heads'), ('decoder_embed_dim', 'decoder_num_heads')):
+        if dim in shape and (shape[heads] < 1 or shape[dim] % shape[heads]):
+            raise ConfigError(f'{keys[dim]} {shape[dim]} is not divisible by {keys[heads]} '
+                              f'{shape[heads]}')
+    size, patch = config.DATA.IMAGE_SIZE, shape['patch_size']
+    if patch < 1 or size < patch or size % patch:
+        raise ConfigError(f'DATA.IMAGE_SIZE {size} is not a multiple of '
+                          f'MODEL.ENCODER.PATCH_SIZE {patch}')
+    return shape
+
+
+def build_from_config(config):
+    """The model MODEL.NAME names, built from the config: the one place that maps config keys to
+    constructor keywords. DATA.IMAGE_SIZE, the shape (MODEL.ENCODER, and MODEL.DECODER for
+    mae_*), MODEL.RECOMPUTE, and MODEL.NORM_PIX_LOSS (mae_*) or MODEL.NUM_CLASSES / DROP_PATH /
+    GLOBAL_POOL (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
+
+    A named size (vit_base_patch16 ...) fixes its shape: shape keys that contradict it raise
+    config.ConfigError naming both; *_custom names take the shape from the config.
+    """
+    m = config.MODEL
+    shape = model_shape(config)
+    is_mae = m.NAME.startswith('mae_')
     kwargs = dict(shape, img_size=config.DATA.IMAGE_SIZE, recompute=m.RECOMPUTE)
     if is_mae:
         kwargs.update(norm_pix_loss=m.NORM_PIX_LOSS)

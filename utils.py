@@ -211,6 +211,9 @@ def setup(stage, argv=None, can_eval=True):
     args = parse_args(stage, argv, can_eval)
     config = cfgmod.get_config(args.cfg)
     cfgmod.update_config(config, args)
+    cfgmod.check_values(config)
+    import transformer
+    transformer.model_shape(config)  # an unknown MODEL.NAME, a shape that contradicts it, ...
     if not config.OUTPUT:  # a folder per config, so that stages and sizes do not collide
         config.OUTPUT = os.path.join('output', os.path.splitext(os.path.basename(args.cfg))[0])
     if config.TRAIN.MODE != stage:

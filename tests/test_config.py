@@ -155,3 +155,15 @@ def test_every_train_mode_is_a_task_and_each_task_has_an_entry_point():
     for mode in tasks.TASKS:
         with open(os.path.join(ROOT, f'main_multi_gpu_{mode}.py')) as f:
             assert f'runtime.main({mode!r})' in f.read()
+
+
+def test_every_shipped_config_passes_the_value_checks_and_a_bad_value_is_named():
+    names = [f[:-5] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.yaml')]
+    assert len(names) >= 12
+    for name in names:
+        cfgmod.check_values(load(name))
+    c = load('tiny_finetune')
+    c.TRAIN.LAYER_DECAY = 1.5
+    with pytest.raises(cfgmod.ConfigError, match=r'TRAIN\.LAYER_DECAY must be in \(0, 1\] '
+                                                 r'\(1: off\), got 1\.5'):
+        cfgmod.check_values(c)
