@@ -517,10 +517,11 @@ def build_transform(is_train, config):
     Evaluation: Resize(int(size / crop_pct), bicubic) on the shorter side, CenterCrop(size),
     scale to [0, 1], Normalize(MEAN, STD).
     Training: RandomResizedCrop(size, TRAIN.RRC_SCALE, bicubic) -- the official linear
-    probing's single-draw variant when the task asks for it (tasks.LinearProbe) -- then horizontal flip, RandAugment
-    (TRAIN.RAND_AUGMENT, if set), scale + Normalize, RandomErasing (TRAIN.RANDOM_ERASE_*, if
-    the probability is > 0). The base configs give the official recipes: pre-training RRC scale
-    (0.2, 1); fine-tuning (0.08, 1) + rand-m9-mstd0.5-inc1 + erasing 0.25 'pixel' x1.
+    probing's single-draw variant when the task asks for it (tasks.LinearProbe) -- then
+    horizontal flip, RandAugment (TRAIN.RAND_AUGMENT, if set), scale + Normalize, RandomErasing
+    (TRAIN.RANDOM_ERASE_*, if the probability is > 0). The base configs give the official
+    recipes: pre-training RRC scale (0.2, 1); fine-tuning (0.08, 1) + rand-m9-mstd0.5-inc1 +
+    erasing 0.25 'pixel' x1.
     """
     d, t = config.DATA, config.TRAIN
     size = d.IMAGE_SIZE

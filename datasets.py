@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import traceback
 
 import numpy as np
@@ -475,17 +476,24 @@ class EvalBatchSampler(DistributedBatchSampler):
         return math.ceil(self.num_samples / self.batch_size)
 
 
-class _SeedWorker:
-    """worker_init_fn: seeds each worker's RNGs from (seed, sampler's epoch, rank, worker id),
-    for datasets without per-sample seeding (ImageDataset reseeds per sample on top). Workers
-    start when the loader is iterated, i.e. after set_epoch, so they see the epoch."""
+class _WorkerInit:
+    """worker_init_fn of every loader. Each worker: dies with the process that owns it (after a
+    `kill -9` of the training process no worker lingers), leaves Ctrl-C and SIGTERM to that
+    process (which saves and stops cleanly), and -- training -- seeds its RNGs from (seed,
+    sampler's epoch, rank, worker id), for datasets without per-sample seeding (ImageDataset
+    reseeds per sample on top). Workers start when the loader is iterated, i.e. after
+    set_epoch, so they see the epoch."""
 
-    def __init__(self, sampler, seed, rank):
-        self.sampler, self.seed, self.rank = sampler, seed, rank
+    def __init__(self, sampler, seed, rank, train):
+        self.sampler, self.seed, self.rank, self.train = sampler, seed, rank, train
 
     def __call__(self, worker_id):
-        utils.seed_everything(self.seed, self.sampler.epoch, self.rank, worker_id,
-                              include_paddle=False)
+        utils.die_with_parent()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the owner stops; workers die with it
+            signal.signal(sig, signal.SIG_IGN)
+        if self.train:
+            utils.seed_everything(self.seed, self.sampler.epoch, self.rank, worker_id,
+                                  include_paddle=False)
 
 
 class EpochDataLoader(DataLoader):
@@ -501,7 +509,7 @@ class EpochDataLoader(DataLoader):
 
     def __init__(self, dataset, batch_sampler, num_workers, seed, rank, train):
         super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                         worker_init_fn=_SeedWorker(batch_sampler, seed, rank) if train else None,
+                         worker_init_fn=_WorkerInit(batch_sampler, seed, rank, train),
                          return_list=True)
         self._seed, self._train = seed, train
 

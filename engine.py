@@ -6,6 +6,7 @@ evaluates and names the metric that picks the best checkpoint.
 import contextlib
 import json
 import math
+import signal
 import time
 
 import paddle
@@ -22,6 +23,38 @@ class NonFiniteLoss(utils.UserError):
     """Training diverged; the message says where and which checkpoint is the last good one."""
 
 
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during fit(): remembered, not
+    acted on at once, so the loop can finish the optimizer step it is in, save and stop.
+    requested() agrees over all processes (an all-reduce), so they stop at the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self):
+        """-> the signal number (the largest over processes), 0 when none arrived."""
+        if dist.get_world_size() == 1:
+            return self.signum
+        return int(utils.all_reduce_max(self.signum))
+
+
 def prepare_amp(config, model, optimizer):
     """AMP O2 on GPU: weights cast to TRAIN.AMP in place (norm layers stay float32), AdamW
     keeps float32 master weights, checkpoints are saved in float32. Call after resuming, so the
@@ -34,14 +67,16 @@ def prepare_amp(config, model, optimizer):
 
 
 def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_lr, scaler=None,
-                    start_iter=0, save_fn=None):
+                    start_iter=0, save_fn=None, stop=None):
     """One epoch of the task's training loss.
 
     - lr follows optim.lr_at on the fractional epoch, set at each optimizer step;
     - gradients accumulate over TRAIN.ACCUM_ITER iterations (no all-reduce until the last);
     - every iteration re-seeds Python / NumPy / Paddle from (SEED, epoch, iteration, rank), so a
       run resumed at iteration start_iter continues exactly as an uninterrupted one;
-    - save_fn(epoch, next_iter) is called every SAVE_FREQ_ITERS iterations (after a step).
+    - save_fn(epoch, next_iter) is called every SAVE_FREQ_ITERS iterations (after a step);
+    - stop (StopRequests): after an optimizer step that follows SIGINT / SIGTERM, save_fn saves
+      and utils.Stopped is raised.
     Returns {'train_loss': mean loss, 'lr': last lr}.
     """
     model.train()
@@ -97,6 +132,9 @@ def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_
         if save_fn is not None and config.SAVE_FREQ_ITERS > 0 and step_now and \
                 (it + 1) % config.SAVE_FREQ_ITERS == 0 and it + 1 < num_iters:
             save_fn(epoch, it + 1)
+        if stop is not None and step_now and it + 1 < num_iters and stop.requested():
+            save_fn(epoch, it + 1)
+            raise _stopped(stop, config, f'epoch {epoch} iteration {it + 1}')
     stats = {'train_loss': utils.all_reduce_mean(loss_sum / max(loss_count, 1)), 'lr': lr}
     skipped = int(utils.all_reduce_sum([getattr(loader.dataset, 'num_skipped', 0)])[0])
     if skipped:  # DATA.ON_BAD_IMAGE skip
@@ -144,28 +182,38 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                                     'best_metric': task.best_metric},
                                    scaler, epoch_copy)
 
-    for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
-        start = time.time()
-        train_loader.set_epoch(epoch, start_iter)
-        stats = train_one_epoch(task, model, train_loader, optimizer, epoch, config, logger,
-                                peak, scaler=scaler, start_iter=start_iter, save_fn=save)
-        start_iter = 0
-        record = {'epoch': epoch, **stats}
-        last = epoch + 1 == config.TRAIN.NUM_EPOCHS
-        if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
-            metrics = task.evaluate(model, val_loader)
-            value = metrics[task.best_metric]
-            best = value if best is None else max(best, value)
-            record.update({k: v for k, v in metrics.items() if k != 'n'})
-            logger.info(f'epoch {epoch} val: {task.describe(metrics)} (best {task.best_metric} '
-                        f'{best:.2f})')
-        record['epoch_time_s'] = round(time.time() - start, 1)
-        logger.epoch(record)
-        logger.scalars(epoch, **{k: v for k, v in record.items() if k != 'epoch'})
-        keep = epoch + 1 if ((epoch + 1) % config.SAVE_FREQ == 0 or last) else None
-        save(epoch + 1, 0, keep)
+    with StopRequests() as stop:
+        for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
+            start = time.time()
+            train_loader.set_epoch(epoch, start_iter)
+            stats = train_one_epoch(task, model, train_loader, optimizer, epoch, config, logger,
+                                    peak, scaler=scaler, start_iter=start_iter, save_fn=save,
+                                    stop=stop)
+            start_iter = 0
+            record = {'epoch': epoch, **stats}
+            last = epoch + 1 == config.TRAIN.NUM_EPOCHS
+            if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
+                metrics = task.evaluate(model, val_loader)
+                value = metrics[task.best_metric]
+                best = value if best is None else max(best, value)
+                record.update({k: v for k, v in metrics.items() if k != 'n'})
+                logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
+                            f'(best {task.best_metric} {best:.2f})')
+            record['epoch_time_s'] = round(time.time() - start, 1)
+            logger.epoch(record)
+            logger.scalars(epoch, **{k: v for k, v in record.items() if k != 'epoch'})
+            keep = epoch + 1 if ((epoch + 1) % config.SAVE_FREQ == 0 or last) else None
+            save(epoch + 1, 0, keep)
+            if not last and stop.requested():
+                raise _stopped(stop, config, f'the end of epoch {epoch}')
     logger.close()
     return best
+
+
+def _stopped(stop, config, where):
+    name = signal.Signals(stop.signum).name
+    return utils.Stopped(f'{name} at {where}: saved {config.OUTPUT}/latest.pdparams; go on with '
+                         f'the same command and -resume auto', stop.signum)
 
 
 def build_scaler(config):

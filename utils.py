@@ -21,14 +21,43 @@ class UserError(Exception):
     """A mistake the user can fix (path, file, config value): printed without a traceback."""
 
 
+class Stopped(Exception):
+    """A run stopped on a signal after saving (engine.fit); exit code 128 + the signal."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
 def run_main(main):
-    """Run an entry point: a user's mistake prints one 'error: ...' line and exits 2."""
+    """Run an entry point: a user's mistake prints one 'error: ...' line and exits 2; a run
+    stopped by SIGINT / SIGTERM prints how to go on and exits 130 / 143, without a traceback."""
     from config import ConfigError
     try:
         main()
     except (UserError, ConfigError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
+    except Stopped as e:
+        print(f'stopped: {e}', file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (set-up, -eval)
+        print('stopped: interrupted (Ctrl-C); what was saved before stays (-resume auto goes on '
+              'from the last checkpoint of a training run)', file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def die_with_parent():
+    """Linux: this process gets SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), so a
+    loader worker does not outlive a training process killed with -9. Elsewhere: nothing."""
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +91,15 @@ def all_reduce_mean(value):
     t = paddle.to_tensor([float(value)], dtype='float64')
     dist.all_reduce(t)
     return float(t.numpy()[0]) / dist.get_world_size()
+
+
+def all_reduce_max(value):
+    """Maximum of a Python number over all processes."""
+    if dist.get_world_size() == 1:
+        return value
+    t = paddle.to_tensor([float(value)], dtype='float64')
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.numpy()[0])
 
 
 def all_reduce_sum(array):

@@ -3,6 +3,7 @@ equivalence, exact resume after kill -9, -eval of converted official weights, us
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,3 +326,100 @@ def test_default_output_folder_is_per_config(data, tmp_path, monkeypatch):
     logger.close()
     assert config.OUTPUT == os.path.join('output', 'tiny_finetune')
     assert (tmp_path / 'output' / 'tiny_finetune' / 'config.yaml').is_file()
+
+
+SIGNAL_OPTS = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
+                           'DATA.NUM_WORKERS', '2', 'SAVE_FREQ', '1']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('uninterrupted'))
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data, '-batch_size',
+        '16', '-output', out, opts=SIGNAL_OPTS)
+    return out
+
+
+def _start(data, out, opts):
+    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
+           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), '-data_path', data,
+           '-batch_size', '16', '-output', out, '-opts', *opts, 'REPORT_FREQ', '100']
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(path):
+        time.sleep(0.02)
+    assert proc.poll() is None, 'the run ended before the signal could be sent'
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_stops_cleanly_and_resume_is_exact(data, uninterrupted, tmp_path, sig):
+    """SIGTERM (pre-emption) or Ctrl-C mid-run: a checkpoint at the current step, one line
+    saying how to go on, exit 128 + signal; -resume auto then ends where an uninterrupted run
+    ends."""
+    out = str(tmp_path / 'stopped')
+    proc = _start(data, out, SIGNAL_OPTS)
+    try:
+        _wait_for(os.path.join(out, 'epoch_1.pdparams'), proc)
+        os.kill(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, stderr
+    assert 'Traceback' not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf'stopped: {sig.name} at (epoch 1 iteration [1-4]|the end of epoch 1): '
+                        rf'saved {re.escape(out)}/latest.pdparams; go on with the same command '
+                        rf'and -resume auto', last), last
+    assert len(log_lines(out)) < 3
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+            '-batch_size', '16', '-output', out, '-resume', 'auto', opts=SIGNAL_OPTS)
+    assert 'resumed from' in r.stdout
+    d = max_diff(params(os.path.join(uninterrupted, 'latest.pdparams')),
+                 params(os.path.join(out, 'latest.pdparams')))
+    print(f'{sig.name} + resume vs uninterrupted: max abs param diff {d:.2e}')
+    assert d < 1e-5
+    assert [x['epoch'] for x in log_lines(out)] == [0, 1, 2]
+
+
+def _children(pid):
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().split(')')[-1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def test_no_loader_worker_outlives_a_killed_run(data, tmp_path):
+    out = str(tmp_path / 'killed')
+    proc = _start(data, out, TINY_ARCH + ['TRAIN.NUM_EPOCHS', '50', 'DATA.NUM_WORKERS', '2'])
+    try:
+        deadline = time.time() + 300
+        workers = []
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, 'the loader workers did not start'
+        os.kill(proc.pid, signal.SIGKILL)  # the training process only, as the OOM killer does
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], 'loader workers outlived their run'
+    finally:
+        try:  # (whatever is left of the run's process group, also when the test failed)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
