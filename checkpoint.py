@@ -35,13 +35,14 @@ def _atomic_save(obj, path):
     return path
 
 
-def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy=None):
+def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=()):
     """Write latest.pdparams (model) and latest.pdopt (optimizer + state + scaler).
 
     state: dict with at least 'epoch' (epochs finished) and 'iter' (iterations into the next
     epoch). Files are written under temporary names and renamed; the previous pair is kept as
     previous.* (hard links) so that a kill between the two renames leaves one good pair, which
-    find_resume_checkpoint picks. epoch_copy=N also keeps epoch_{N}.pdparams.
+    find_resume_checkpoint picks. copies: names under which the model is also kept, e.g.
+    ('epoch_4', 'best') -> epoch_4.pdparams, best.pdparams (hard links, replaced atomically).
     Only the main process writes.
     """
     if not is_main_process():
@@ -55,20 +56,20 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, epoch_copy
     opt_tmp = _atomic_save(opt, latest + '.pdopt.next')
     for ext in ('.pdparams', '.pdopt'):  # keep the current pair as previous.*
         if os.path.exists(latest + ext):
-            link = os.path.join(output_dir, 'previous' + ext + '.tmp')
-            if os.path.exists(link):
-                os.remove(link)
-            os.link(latest + ext, link)
-            os.replace(link, os.path.join(output_dir, 'previous' + ext))
+            _link(latest + ext, os.path.join(output_dir, 'previous' + ext))
     os.replace(params_tmp, latest + '.pdparams')
     os.replace(opt_tmp, latest + '.pdopt')
-    if epoch_copy is not None:
-        dst = os.path.join(output_dir, f'epoch_{epoch_copy}.pdparams')
-        tmp = dst + '.tmp'
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        os.link(latest + '.pdparams', tmp)
-        os.replace(tmp, dst)
+    for name in copies:
+        _link(latest + '.pdparams', os.path.join(output_dir, name + '.pdparams'))
+
+
+def _link(src, dst):
+    """dst becomes a hard link to src, atomically (a temporary link, then a rename)."""
+    tmp = dst + '.tmp'
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
 
 
 def check_file(path, what):

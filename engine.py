@@ -6,6 +6,7 @@ evaluates and names the metric that picks the best checkpoint.
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 
@@ -97,10 +98,14 @@ def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_
             loss = task.loss(model, batch, epoch)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(
-                f'loss is {loss_value} at epoch {epoch} iteration {it}: stopping. The last good '
-                f'checkpoint is {config.OUTPUT}/latest.pdparams (resume with -resume auto after '
-                f'lowering TRAIN.BASE_LR or setting TRAIN.GRAD_CLIP)')
+            latest = os.path.join(config.OUTPUT, 'latest.pdparams')
+            good = (f'The last good checkpoint is {latest} (resume with -resume auto after '
+                    f'lowering TRAIN.BASE_LR or setting TRAIN.GRAD_CLIP)'
+                    if os.path.exists(latest) else
+                    'No checkpoint was saved yet: start again with a lower TRAIN.BASE_LR or '
+                    'with TRAIN.GRAD_CLIP set')
+            raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch} iteration {it}: '
+                                f'stopping. {good}')
         step_now = (it + 1) % accum == 0 or it + 1 == num_iters
         scaled = loss / accum
         if scaler is not None:
@@ -127,7 +132,7 @@ def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_
             eta = per_iter * ((num_iters - it - 1) + (t.NUM_EPOCHS - epoch - 1) * num_iters)
             logger.info(f'epoch {epoch} [{it + 1}/{num_iters}] loss {avg:.4f} lr {lr:.3e} '
                         f'{ips:.1f} img/s eta {_hms(eta)}')
-            logger.scalars(epoch * num_iters + it + 1, train_loss=avg, lr=lr)
+            logger.scalars('iter', epoch * num_iters + it + 1, train_loss=avg, lr=lr)
             window_loss, window_n, window_start = 0.0, 0, time.time()
         if save_fn is not None and config.SAVE_FREQ_ITERS > 0 and step_now and \
                 (it + 1) % config.SAVE_FREQ_ITERS == 0 and it + 1 < num_iters:
@@ -154,17 +159,19 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
 
     log.txt gets one JSON object per epoch (with the task's metrics when it validates);
     latest.* is written after every epoch (and every SAVE_FREQ_ITERS iterations),
-    epoch_{N}.pdparams every SAVE_FREQ epochs and at the end. Returns the best value of the
-    task's best_metric (None when it does not evaluate).
+    epoch_{N}.pdparams after epoch N (N as in log.txt) every SAVE_FREQ epochs and at the end,
+    best.pdparams whenever the task's best_metric reaches a new best. Ends with a summary.
+    Returns the best value of the task's best_metric (None when it does not evaluate).
     """
     world = dist.get_world_size()
     peak = optim.peak_lr(config, world)
-    start_epoch, start_iter, best = 0, 0, None
+    start_epoch, start_iter, best = 0, 0, {'value': None, 'epoch': None}
     prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
     if prefix:
         state = checkpoint.resume(prefix, model, optimizer, scaler)
         start_epoch, start_iter = state['epoch'], state['iter']
-        best = state.get('best', state.get('best_acc1'))
+        best = {'value': state.get('best', state.get('best_acc1')),
+                'epoch': state.get('best_epoch')}
         logger.info(f'resumed from {prefix}: epoch {start_epoch}, iteration {start_iter}')
         logger.truncate(start_epoch)
     model, optimizer = prepare_amp(config, model, optimizer)
@@ -176,11 +183,11 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
 
-    def save(epoch, next_iter, epoch_copy=None):
+    def save(epoch, next_iter, copies=()):
         checkpoint.save_checkpoint(config.OUTPUT, net, optimizer,
-                                   {'epoch': epoch, 'iter': next_iter, 'best': best,
-                                    'best_metric': task.best_metric},
-                                   scaler, epoch_copy)
+                                   {'epoch': epoch, 'iter': next_iter, 'best': best['value'],
+                                    'best_epoch': best['epoch'],
+                                    'best_metric': task.best_metric}, scaler, copies)
 
     with StopRequests() as stop:
         for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
@@ -192,22 +199,42 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
             start_iter = 0
             record = {'epoch': epoch, **stats}
             last = epoch + 1 == config.TRAIN.NUM_EPOCHS
+            copies = []
             if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
                 metrics = task.evaluate(model, val_loader)
                 value = metrics[task.best_metric]
-                best = value if best is None else max(best, value)
+                if best['value'] is None or value > best['value']:
+                    best = {'value': value, 'epoch': epoch}
+                    copies.append('best')
                 record.update({k: v for k, v in metrics.items() if k != 'n'})
                 logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
-                            f'(best {task.best_metric} {best:.2f})')
+                            f'(best {task.best_metric} {best["value"]:.2f})')
             record['epoch_time_s'] = round(time.time() - start, 1)
             logger.epoch(record)
-            logger.scalars(epoch, **{k: v for k, v in record.items() if k != 'epoch'})
-            keep = epoch + 1 if ((epoch + 1) % config.SAVE_FREQ == 0 or last) else None
-            save(epoch + 1, 0, keep)
+            logger.scalars('epoch', epoch, **{k: v for k, v in record.items() if k != 'epoch'})
+            if (epoch + 1) % config.SAVE_FREQ == 0 or last:
+                copies.append(f'epoch_{epoch}')
+            save(epoch + 1, 0, copies)
             if not last and stop.requested():
                 raise _stopped(stop, config, f'the end of epoch {epoch}')
+    _summary(config, task, best, logger)
     logger.close()
-    return best
+    return best['value']
+
+
+def _summary(config, task, best, logger):
+    """The end of a run: where its checkpoints are, and the best metric with its epoch."""
+    out = config.OUTPUT
+    copies = sorted((f for f in os.listdir(out) if f.startswith('epoch_')),
+                    key=lambda f: int(f[6:].split('.')[0])) if os.path.isdir(out) else []
+    lines = [f'done: {config.TRAIN.NUM_EPOCHS} epochs; last checkpoint {out}/latest.pdparams'
+             f' (+ .pdopt)']
+    if best['value'] is not None:
+        lines.append(f'best {task.best_metric} {best["value"]:.2f} after epoch {best["epoch"]}: '
+                     f'{out}/best.pdparams')
+    if copies:
+        lines.append(f'kept: {", ".join(copies)}; log: {out}/log.txt')
+    logger.info('; '.join(lines))
 
 
 def _stopped(stop, config, where):
@@ -223,11 +250,30 @@ def build_scaler(config):
     return None
 
 
-def evaluate_only(task, model, val_loader, config):
-    """-eval: evaluate MODEL.PRETRAINED and print the result as one JSON line (main process)."""
+class _Progress:
+    """Iterates a loader, logging 'what [i/n]' about ten times along the way."""
+
+    def __init__(self, loader, logger, what):
+        self.loader, self.logger, self.what = loader, logger, what
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        n = len(self.loader)
+        every = max(n // 10, 1)
+        for i, batch in enumerate(self.loader, 1):
+            yield batch
+            if i % every == 0 or i == n:
+                self.logger.info(f'{self.what} [{i}/{n}]')
+
+
+def evaluate_only(task, model, val_loader, config, logger):
+    """-eval: evaluate MODEL.PRETRAINED and print the result as one JSON line on stdout (main
+    process), which holds nothing else: progress and logs go to stderr."""
     if not config.MODEL.PRETRAINED:
         raise utils.UserError('-eval needs the weights to evaluate: -pretrained FILE.pdparams')
-    result = task.evaluate(model, val_loader)
+    result = task.evaluate(model, _Progress(val_loader, logger, 'eval'))
     if utils.is_main_process():
         print(json.dumps(result), flush=True)
     return result
@@ -247,7 +293,7 @@ def run(mode, argv=None):
     if task.evaluates:
         val_loader = datasets.build_loader(config, task.build_dataset(False), is_train=False)
     if getattr(args, 'eval', False):
-        evaluate_only(task, model, val_loader, config)
+        evaluate_only(task, model, val_loader, config, logger)
         return
     train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())

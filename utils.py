@@ -172,11 +172,15 @@ def seed_everything(*keys, include_paddle=True):
 # ---------------------------------------------------------------------------------------------
 class Logger:
     """Prints on the main process, appends one JSON object per epoch to log.txt, and writes
-    scalars to VisualDL (vdl/) when visualdl is installed."""
+    scalars to VisualDL (vdl/) when visualdl is installed: per-iteration values under
+    'iter/<name>' with the global iteration as step, per-epoch ones under 'epoch/<name>' with
+    the epoch, so each tag's steps only grow. stream: where info() prints (-eval: stderr, its
+    stdout is the result alone)."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, stream=None):
         self.main = is_main_process()
         self.output_dir = output_dir
+        self.stream = stream
         self.vdl = None
         if self.main and output_dir:
             os.makedirs(output_dir, exist_ok=True)
@@ -188,12 +192,14 @@ class Logger:
 
     def info(self, msg):
         if self.main:
-            print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
+            print(f'[{time.strftime("%H:%M:%S")}] {msg}', file=self.stream or sys.stdout,
+                  flush=True)
 
-    def scalars(self, step, **values):
+    def scalars(self, kind, step, **values):
+        """VisualDL scalars of one kind ('iter' or 'epoch') at step."""
         if self.vdl is not None:
             for k, v in values.items():
-                self.vdl.add_scalar(tag=k, step=step, value=float(v))
+                self.vdl.add_scalar(tag=f'{kind}/{k}', step=step, value=float(v))
 
     def epoch(self, stats):
         """Append one JSON line to log.txt (main process)."""
@@ -269,7 +275,7 @@ def setup(stage, argv=None, can_eval=True):
                               'checkpoint file')
     if config.TRAIN.AMP and not paddle.is_compiled_with_cuda():
         print(f'note: TRAIN.AMP {config.TRAIN.AMP!r} has no effect on CPU; training in float32',
-              flush=True)
+              file=sys.stderr, flush=True)
     config.freeze()
     eval_only = getattr(args, 'eval', False)
     init_distributed()
@@ -278,7 +284,7 @@ def setup(stage, argv=None, can_eval=True):
         changed = checkpoint.check_run_folder(config)
         barrier()  # every process has looked at the folder before the main one writes in it
     seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
-    logger = Logger(None if eval_only else config.OUTPUT)
+    logger = Logger(None, sys.stderr) if eval_only else Logger(config.OUTPUT)
     if changed:
         logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')
     if is_main_process() and not eval_only:

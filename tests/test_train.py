@@ -87,11 +87,14 @@ def test_pretrain_outputs(pretrained):
     lines = log_lines(out)
     assert [x['epoch'] for x in lines] == [0, 1]
     assert all(np.isfinite(x['train_loss']) and x['lr'] > 0 for x in lines)
-    for f in ('config.yaml', 'latest.pdparams', 'latest.pdopt', 'epoch_1.pdparams',
-              'epoch_2.pdparams'):
+    for f in ('config.yaml', 'latest.pdparams', 'latest.pdopt', 'epoch_0.pdparams',
+              'epoch_1.pdparams'):
         assert os.path.isfile(os.path.join(out, f)), f
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
     assert 'effective batch 16' in r.stdout and '5 iterations/epoch' in r.stdout
+    assert not os.path.exists(os.path.join(out, 'best.pdparams'))  # pre-training: no metric
+    assert f'done: 2 epochs; last checkpoint {out}/latest.pdparams (+ .pdopt); kept: ' \
+        f'epoch_0.pdparams, epoch_1.pdparams; log: {out}/log.txt' in r.stdout
     with open(os.path.join(out, 'config.yaml')) as f:
         assert 'EMBED_DIM: 48' in f.read()
 
@@ -111,7 +114,10 @@ def test_finetune_linearprobe_and_eval(data, pretrained, tmp_path):
         assert line['epoch'] == 0 and {'val_acc1', 'val_acc5', 'val_loss'} <= set(line)
         r = run(script, cfg, '-data_path', data, '-pretrained',
                 os.path.join(out, 'latest.pdparams'), '-eval', opts=common)
-        result = json.loads(r.stdout.strip().splitlines()[-1])
+        result = json.loads(r.stdout)  # stdout is the result alone (`-eval > r.json`)
+        assert set(result) == {'val_acc1', 'val_acc5', 'val_loss', 'n'}
+        assert 'eval [1/1]' in r.stderr and 'pretrained: loaded' in r.stderr  # logs: stderr
+        assert os.path.isfile(os.path.join(out, 'best.pdparams'))  # one epoch: the best one
         assert result['n'] == 30
         assert result['val_acc1'] == pytest.approx(line['val_acc1'])
         assert result['val_loss'] == pytest.approx(line['val_loss'], rel=1e-5)
@@ -154,7 +160,7 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
     ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
     args = ('-data_path', data, '-batch_size', '16')
     run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref, opts=opts)
-    # the same run, killed -9 once it has saved mid-way through epoch 1
+    # the same run, killed -9 once it has saved mid-way through epoch 1 (after epoch_0)
     cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
            os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
            '-opts', *opts, 'REPORT_FREQ', '100']
@@ -163,7 +169,7 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(killed, 'epoch_1.pdparams')) and \
+            if os.path.exists(os.path.join(killed, 'epoch_0.pdparams')) and \
                     os.path.exists(os.path.join(killed, 'previous.pdopt')):
                 time.sleep(0.3)
                 break
@@ -363,7 +369,7 @@ def test_signal_saves_stops_cleanly_and_resume_is_exact(data, uninterrupted, tmp
     out = str(tmp_path / 'stopped')
     proc = _start(data, out, SIGNAL_OPTS)
     try:
-        _wait_for(os.path.join(out, 'epoch_1.pdparams'), proc)
+        _wait_for(os.path.join(out, 'epoch_0.pdparams'), proc)
         os.kill(proc.pid, sig)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -423,3 +429,41 @@ def test_no_loader_worker_outlives_a_killed_run(data, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_visualdl_steps_grow_per_tag_and_the_best_checkpoint_is_kept(data, tmp_path,
+                                                                      monkeypatch):
+    """A stand-in VisualDL writer records every scalar: iteration and epoch values go to tags of
+    their own, each with growing steps; best.pdparams is the epoch with the best val_acc1."""
+    import types
+    import engine
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            pass
+
+        def add_scalar(self, tag, step, value):
+            calls.append((tag, step))
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, 'visualdl', types.SimpleNamespace(LogWriter=Writer))
+    out = str(tmp_path / 'ft')
+    engine.run('finetune', [
+        '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'), '-data_path', data,
+        '-output', out, '-batch_size', '16', '-opts', *TINY_ARCH[:6], 'TRAIN.NUM_EPOCHS', '3',
+        'TRAIN.WARMUP_EPOCHS', '0', 'DATA.NUM_WORKERS', '0', 'REPORT_FREQ', '2', 'SAVE_FREQ',
+        '1', 'TRAIN.BASE_LR', '1e-2'])
+    steps = {}
+    for tag, step in calls:
+        steps.setdefault(tag, []).append(step)
+    assert {'iter/train_loss', 'iter/lr', 'epoch/train_loss', 'epoch/lr',
+            'epoch/val_acc1'} <= set(steps)
+    for tag, s in steps.items():
+        assert s == sorted(set(s)), (tag, s)
+    acc = [x['val_acc1'] for x in log_lines(out)]
+    best = max(range(3), key=lambda e: (acc[e], -e))
+    with open(os.path.join(out, 'best.pdparams'), 'rb') as f, \
+            open(os.path.join(out, f'epoch_{best}.pdparams'), 'rb') as g:
+        assert f.read() == g.read()
