@@ -23,10 +23,21 @@ DATA_PATH=${DATA_PATH:?set DATA_PATH to the data folder (train_list.txt, val_lis
 OUTPUT=${OUTPUT:-output/$(basename "$CFG" .yaml)}
 NNODES=${NNODES:-1}
 PYTHON=${PYTHON:-python}
+fail() { echo "launch: $*" >&2; exit 2; }
 
+# fail fast, in one line, on what would otherwise fail deep inside the launcher
+cuda=$("$PYTHON" -c 'import paddle; print(int(paddle.is_compiled_with_cuda()))' 2>/dev/null) ||
+  fail "$PYTHON cannot import paddle: pip install paddlepaddle-gpu (GPU) or paddlepaddle (CPU), or set PYTHON"
+found=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, || true)
 if [[ -z ${GPUS+x} ]]; then
-  GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, || true)
+  GPUS=$found
+  [[ -n $GPUS && $cuda == 0 ]] && GPUS=  # GPUs present, but this Paddle is the CPU build
 fi
+if [[ -n $GPUS ]]; then
+  [[ $cuda == 1 ]] || fail "GPUS=$GPUS, but $PYTHON has the CPU build of Paddle: pip install paddlepaddle-gpu, or unset GPUS to run on the CPU"
+  [[ -n $found ]] || fail "GPUS=$GPUS, but nvidia-smi finds no GPU on this machine: unset GPUS to run on the CPU"
+fi
+[[ -z $GPUS ]] && echo "launch: no GPU in use: running on the CPU with ${NPROC:-1} process(es) (NPROC)"
 if [[ -n $GPUS ]]; then
   per_node=$(awk -F, '{print NF}' <<<"$GPUS")
   devices=(--gpus "$GPUS")
@@ -35,13 +46,16 @@ else
   devices=(--nproc_per_node "$per_node")
 fi
 world=$((per_node * NNODES))
-batch=${BATCH_SIZE:-$("$PYTHON" - "$CFG" <<'PY' 2>/dev/null
+batch=${BATCH_SIZE:-$("$PYTHON" - "$CFG" <<'PY'
 import sys
 sys.path.insert(0, '.')
 import config
-print(config.get_config(sys.argv[1]).DATA.BATCH_SIZE)
+try:
+    print(config.get_config(sys.argv[1]).DATA.BATCH_SIZE)
+except config.ConfigError as e:
+    sys.exit(f'launch: {e}')
 PY
-)}
+)} || exit 2
 accum=0
 if [[ -n ${TARGET_BATCH:-} ]]; then
   accum=$(( (TARGET_BATCH + batch * world - 1) / (batch * world) ))

@@ -190,3 +190,30 @@ def test_benchmark_modes_report_img_per_s(args):
         assert '-> (3, 224, 224)' in r.stdout
     else:
         assert 'ms per step' in lines[-2]
+
+
+def _run_script(name, tmp_path, **env):
+    return subprocess.run(['bash', os.path.join(ROOT, 'run_scripts', name)], capture_output=True,
+                          text=True, cwd=str(tmp_path), timeout=300,
+                          env=dict(os.environ, DATA_PATH=str(tmp_path / 'nowhere'), **env))
+
+
+def test_run_scripts_fail_fast_in_one_line(tmp_path):
+    r = _run_script('run_pretrain_vit_b.sh', tmp_path, PYTHON='/bin/false')
+    assert r.returncode == 2 and r.stderr.strip() == (
+        'launch: /bin/false cannot import paddle: pip install paddlepaddle-gpu (GPU) or '
+        'paddlepaddle (CPU), or set PYTHON')
+    import paddle
+    if not paddle.is_compiled_with_cuda():  # CI: the CPU build
+        r = _run_script('run_finetune_vit_b.sh', tmp_path, PYTHON=sys.executable, GPUS='0,1')
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f'launch: GPUS=0,1, but {sys.executable} has the CPU build of Paddle: pip install '
+            f'paddlepaddle-gpu, or unset GPUS to run on the CPU')
+        env = {k: v for k, v in os.environ.items() if k != 'GPUS'}
+        r = subprocess.run(['bash', os.path.join(ROOT, 'run_scripts', 'run_linearprobe_vit_b.sh')],
+                           capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                           env=dict(env, PYTHON=sys.executable, BATCH_SIZE='2',
+                                    DATA_PATH=str(tmp_path / 'nowhere'),
+                                    OUTPUT=str(tmp_path / 'out')))
+        assert 'launch: no GPU in use: running on the CPU with 1 process(es) (NPROC)' in r.stdout
+        assert r.returncode != 0  # (the data folder does not exist)
