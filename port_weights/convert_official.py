@@ -192,6 +192,9 @@ def _describe_non_zip(path):
     if head.startswith(b'PK\x03\x04'):
         return ('the zip archive is incomplete or corrupted (truncated download?): '
                 'download it again')
+    if path.endswith(('.pdparams', '.pdopt', '.pdiparams')):
+        return ('this is a Paddle file already (written by paddle.save): give it to the entry '
+                'points as it is (-pretrained FILE.pdparams); --src takes an official .pth')
     if head.startswith(b'\x80') or head[257:262] == b'ustar':
         return ('this is a legacy (torch < 1.6) checkpoint or a plain pickle, which this reader '
                 'does not open; re-save it with a torch >= 1.6, e.g. python -c "import torch; '
@@ -477,6 +480,13 @@ def convert_state_dict(sd):
     constructor arguments and counts. Raises ConversionError naming any key that is not used,
     not set or of the wrong shape for the model transformer.py builds from the same shapes.
     """
+    extra = {'dist_token': 'a distillation token (a DeiT-distilled ViT)',
+             'head_dist.weight': 'a distillation head (a DeiT-distilled ViT)',
+             'reg_token': 'register tokens (a ViT with registers)'}
+    found = [f'{k}: {why}' for k, why in extra.items() if k in sd]
+    if found:
+        raise ConversionError(f'{"; ".join(found)}. The MAE ViT has a cls token only, so these '
+                              f'weights cannot be converted for it')
     kind = detect_kind(sd)
     model_name, arch = infer_architecture(sd, kind)
     expected = target_shapes(model_name, arch)  # before converting: keeps peak memory lower
@@ -576,7 +586,44 @@ def convert_file(src, dst, log=print):
         f'{info["renamed"]} BatchNorm buffers renamed, {len(info["dropped"])} dropped: '
         f'{", ".join(info["dropped"]) or "none"})')
     log(f'saved: {dst}')
+    log(f'use it with: {usage(kind, arch, dst)}')
     return kind, info
+
+
+def usage(kind, arch, dst):
+    """The config (and -opts) that build the converted model: a named size's config where the
+    shape is one, MODEL.NAME *_custom with the shape keys otherwise."""
+    size = {(16, 768, 12): 'vit_base_patch16', (16, 1024, 24): 'vit_large_patch16',
+            (14, 1280, 32): 'vit_huge_patch14'}.get(
+        (arch['patch_size'], arch['embed_dim'], arch['depth']))
+    named = size is not None and arch['mlp_ratio'] == 4.0 and arch['in_chans'] == 3
+    stage = {'pretrain-full': 'pretrain', 'pretrain-encoder': 'finetune'}.get(kind, 'finetune')
+    if kind == 'finetuned' and arch.get('linear_probe'):
+        stage = 'linearprobe'
+    mae = kind == 'pretrain-full'
+    if mae and (arch['decoder_embed_dim'], arch['decoder_depth']) != (512, 8):
+        named = False
+    cfg = f'configs/{size or "vit_base_patch16"}_224_{stage}.yaml'
+    opts = []
+    if not named:
+        opts += ['MODEL.NAME', 'mae_vit_custom' if mae else 'vit_custom',
+                 'MODEL.ENCODER.PATCH_SIZE', arch['patch_size'],
+                 'MODEL.ENCODER.EMBED_DIM', arch['embed_dim'], 'MODEL.ENCODER.DEPTH',
+                 arch['depth'], 'MODEL.ENCODER.NUM_HEADS', arch['num_heads'],
+                 'MODEL.ENCODER.MLP_RATIO', arch['mlp_ratio']]
+        if mae:
+            opts += ['MODEL.DECODER.EMBED_DIM', arch['decoder_embed_dim'],
+                     'MODEL.DECODER.DEPTH', arch['decoder_depth'],
+                     'MODEL.DECODER.NUM_HEADS', arch['decoder_num_heads']]
+    if arch['img_size'] != 224:
+        opts += ['DATA.IMAGE_SIZE', arch['img_size']]
+    if kind == 'finetuned':
+        if arch['num_classes'] != 1000:
+            opts += ['MODEL.NUM_CLASSES', arch['num_classes']]
+        if arch['global_pool'] != (stage == 'finetune'):  # the configs' GLOBAL_POOL
+            opts += ['MODEL.GLOBAL_POOL', arch['global_pool']]
+    line = f'-cfg {cfg} -pretrained {dst}'
+    return line + (' -opts ' + ' '.join(str(o) for o in opts) if opts else '')
 
 
 def main(argv=None):

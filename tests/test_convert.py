@@ -221,6 +221,12 @@ def _write_bad(kind, src, tmp_path):
     if kind == 'wrong-shape':
         _valid_finetuned(src, lambda sd: sd.__setitem__('blocks.0.norm1.bias', torch.ones(65)))
         return 'blocks.0.norm1.bias [65]'
+    if kind == 'distilled':
+        _valid_finetuned(src, lambda sd: sd.__setitem__('dist_token', torch.zeros(1, 1, 64)))
+        return 'dist_token: a distillation token (a DeiT-distilled ViT)'
+    if kind == 'registers':
+        _valid_finetuned(src, lambda sd: sd.__setitem__('reg_token', torch.zeros(1, 4, 64)))
+        return 'reg_token: register tokens (a ViT with registers)'
     if kind == 'disallowed-global':
         # data.pkl = os.system('touch <marker>'), written opcode by opcode (never executed)
         cmd = f'touch {tmp_path / "pwned"}'.encode()
@@ -235,8 +241,8 @@ def _write_bad(kind, src, tmp_path):
 
 @pytest.mark.parametrize('kind', ['missing', 'empty', 'truncated', 'random-bytes',
                                   'zip-not-checkpoint', 'legacy-format', 'not-a-state-dict',
-                                  'unknown-key', 'missing-key', 'wrong-shape',
-                                  'disallowed-global'])
+                                  'unknown-key', 'missing-key', 'wrong-shape', 'distilled',
+                                  'registers', 'disallowed-global'])
 def test_bad_input(tmp_path, kind):
     src, dst = tmp_path / 'in.pth', tmp_path / 'out.pdparams'
     phrase = _write_bad(kind, src, tmp_path)
@@ -333,3 +339,44 @@ def test_convert_state_dict_arch_info():
     assert C._guess_heads(768, C.OFFICIAL_NUM_HEADS) == 12
     assert C._guess_heads(1280, C.OFFICIAL_NUM_HEADS) == 16
     assert 96 % C._guess_heads(96, C.OFFICIAL_NUM_HEADS) == 0
+
+
+def test_a_pdparams_as_src_is_named_as_a_paddle_file(tmp_path):
+    src, dst = tmp_path / 'mine.pdparams', tmp_path / 'out.pdparams'
+    paddle.save(paddle_numpy_sd(tiny_vit(global_pool=True)), str(src))
+    assert_user_error(run_cli(src, dst), src, dst, 'this is a Paddle file already')
+
+
+@pytest.mark.parametrize('name', ['finetuned-global-pool', 'linear-probe', 'pretrain-full'])
+def test_printed_usage_builds_a_model_the_weights_fit(tmp_path, name):
+    """The 'use it with:' line: its -cfg and -opts build exactly the converted model (checked
+    by loading the weights as -eval does: nothing may be missing or differ)."""
+    import shlex
+    import config as cfgmod
+    import tasks
+    obj, expected, model, kind = make_case(name)
+    src, dst = tmp_path / f'{name}.pth', tmp_path / f'{name}.pdparams'
+    torch.save(obj, src)
+    proc = run_cli(src, dst)
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith('use it with: ')][-1]
+    args = shlex.split(line[len('use it with: '):])
+    assert args[args.index('-pretrained') + 1] == str(dst)
+    assert 'MODEL.NAME' in args  # the tiny test models are no named size
+    config = cfgmod.get_config(str(REPO / args[args.index('-cfg') + 1]))
+    cfgmod.merge_opts(config, args[args.index('-opts') + 1:] if '-opts' in args else [])
+    task = tasks.get_task(config)
+    missing, unused = task.load_pretrained(task.build_model(), str(dst), log=lambda m: None,
+                                           eval_only=True)
+    assert missing == [] and unused == []
+
+
+def test_usage_of_official_weights_is_the_shipped_config():
+    arch = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                mlp_ratio=4.0, num_classes=1000, global_pool=True, linear_probe=False)
+    assert C.usage('finetuned', arch, 'w.pdparams') == \
+        '-cfg configs/vit_base_patch16_224_finetune.yaml -pretrained w.pdparams'
+    arch.update(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0,
+                global_pool=False)
+    assert C.usage('pretrain-encoder', arch, 'h.pdparams') == \
+        '-cfg configs/vit_huge_patch14_224_finetune.yaml -pretrained h.pdparams'
