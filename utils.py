@@ -231,7 +231,9 @@ def parse_args(stage, argv=None, can_eval=True):
     """PaddleViT-style flags (DESIGN.md 3.3); -opts KEY VALUE ... overrides any config key.
     can_eval: the stage's task evaluates, so -eval is offered."""
     import argparse
-    p = argparse.ArgumentParser(description=f'MAE {stage} (PaddlePaddle)')
+    doc = getattr(sys.modules.get('__main__'), '__doc__', None)  # the entry point's own text
+    p = argparse.ArgumentParser(description=doc or f'MAE {stage} (PaddlePaddle)',
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', required=True, help='config YAML, e.g. configs/tiny_' + stage + '.yaml')
     p.add_argument('-data_path', help='folder with train_list.txt / val_list.txt')
     p.add_argument('-output', help='output folder (checkpoints, log.txt, config.yaml)')

@@ -56,7 +56,8 @@ def model_files(model_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', required=True)
     p.add_argument('-pretrained', required=True, help='fine-tuned .pdparams')
     p.add_argument('-output', required=True, help='folder for the exported model')

@@ -38,7 +38,8 @@ def recipe(config, nranks, points_per_epoch=1):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', required=True)
     p.add_argument('-opts', nargs='+', action='extend', default=[])
     p.add_argument('--nranks', type=int, default=1, help='number of training processes')

@@ -134,7 +134,8 @@ def make(out, train_per_class=300, val_per_class=60, size=40, seed=0, log=print)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='data/demo')
     p.add_argument('--train-per-class', type=int, default=300)
     p.add_argument('--val-per-class', type=int, default=60)

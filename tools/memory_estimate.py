@@ -103,7 +103,7 @@ def table(names):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', help='config YAML file')
     p.add_argument('--all', action='store_true', help='table (GiB) for the 9 official configs')

@@ -68,7 +68,8 @@ class Predictor:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='folder written by tools/export_model.py')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
     p.add_argument('--topk', type=int, default=5)

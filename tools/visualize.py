@@ -128,7 +128,8 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', required=True, help='pre-training config of the model')
     p.add_argument('-pretrained', required=True, help='.pdparams with the decoder')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
