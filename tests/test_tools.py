@@ -116,6 +116,13 @@ def test_visualize_refuses_encoder_only(demo, mae_checkpoint, tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert 'has no decoder' in r.stderr and 'mae_visualize_vit_' in r.stderr
     assert not os.path.exists(tmp_path / 'x.png')
+    out = tmp_path / 'missing' / 'x.png'
+    r = cli('visualize.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'),
+            '-pretrained', mae_checkpoint[0], '--out', str(out),
+            '--image', os.path.join(demo, 'val', 'circle', '00000.png'), '-opts', *TINY,
+            check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f'error: --out {out}: the folder {out.parent} does not exist'
 
 
 def test_export_and_predict_match_dynamic_model(demo, tmp_path):

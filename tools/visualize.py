@@ -138,6 +138,9 @@ def main():
     p.add_argument('--scale', type=int, default=0, help='pixel zoom (default: to ~224 px)')
     p.add_argument('-opts', nargs='+', action='extend', default=[])
     args = p.parse_args()
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise utils.UserError(f'--out {args.out}: the folder {folder} does not exist')
     config = cfgmod.get_config(args.cfg)
     cfgmod.merge_opts(config, args.opts)
     paddle.set_device('cpu')
