@@ -15,6 +15,13 @@ import paddle
 
 from utils import UserError, is_main_process
 
+# A checkpoint's .pdparams also holds, under this key, what the run was: {'config': the
+# resolved config as YAML, 'classes': the class names or None}. set_state_dict ignores it.
+META_KEY = '_meta'
+# what a model is: a config that says otherwise cannot evaluate or export its weights
+MODEL_KEYS = ('TRAIN.MODE', 'MODEL.NAME', 'MODEL.ENCODER', 'MODEL.DECODER', 'MODEL.NUM_CLASSES',
+              'MODEL.GLOBAL_POOL', 'DATA.IMAGE_SIZE')
+
 
 def _fingerprint(path):
     """Cheap identity of a checkpoint file: size + SHA-1 of its first and last MiB."""
@@ -35,7 +42,7 @@ def _atomic_save(obj, path):
     return path
 
 
-def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=()):
+def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=(), meta=None):
     """Write latest.pdparams (model) and latest.pdopt (optimizer + state + scaler).
 
     state: dict with at least 'epoch' (epochs finished) and 'iter' (iterations into the next
@@ -43,12 +50,15 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=())
     previous.* (hard links) so that a kill between the two renames leaves one good pair, which
     find_resume_checkpoint picks. copies: names under which the model is also kept, e.g.
     ('epoch_4', 'best') -> epoch_4.pdparams, best.pdparams (hard links, replaced atomically).
-    Only the main process writes.
+    meta (run_meta): stored in the .pdparams under META_KEY. Only the main process writes.
     """
     if not is_main_process():
         return
     latest = os.path.join(output_dir, 'latest')
-    params_tmp = _atomic_save(model.state_dict(), latest + '.pdparams.next')
+    params = dict(model.state_dict())
+    if meta is not None:
+        params[META_KEY] = meta
+    params_tmp = _atomic_save(params, latest + '.pdparams.next')
     opt = {'optimizer': optimizer.state_dict(), 'state': dict(state),
            'model_fingerprint': _fingerprint(params_tmp)}
     if scaler is not None:
@@ -70,6 +80,52 @@ def _link(src, dst):
         os.remove(tmp)
     os.link(src, tmp)
     os.replace(tmp, dst)
+
+
+def run_meta(config, classes=None):
+    """What a checkpoint carries besides the weights (see META_KEY)."""
+    return {'config': config.dump(), 'classes': list(classes) if classes else None}
+
+
+def split_meta(state):
+    """-> (the tensors of a loaded .pdparams, its META_KEY entry or None)."""
+    if isinstance(state, dict) and META_KEY in state:
+        state = dict(state)
+        return state, state.pop(META_KEY)
+    return state, None
+
+
+def saved_meta(path):
+    """The META_KEY entry of a .pdparams (None: not one of this project's checkpoints)."""
+    return split_meta(load_file(path, 'weights'))[1]
+
+
+def config_for(cfg_file, weights, update):
+    """The config that builds the model `weights` hold, for -eval and the tools.
+
+    A checkpoint of this project carries its config: without cfg_file that one is used; a
+    cfg_file that says otherwise about what the model is (MODEL_KEYS) is an error, not a resize.
+    Weights without a config (converted official ones) need cfg_file. update(config) applies
+    the command line's flags and -opts (to either)."""
+    import config as cfgmod
+    config = cfgmod.get_config(cfg_file) if cfg_file else cfgmod.get_config()
+    update(config)
+    weights = weights or config.MODEL.PRETRAINED
+    meta = saved_meta(weights) if weights else None
+    if meta is None:
+        if not cfg_file:
+            raise UserError(f'-cfg FILE is needed: {weights or "(no weights given)"} carries no '
+                            f'config of this project (a converted official checkpoint?)')
+        return config
+    saved = cfgmod.from_text(meta['config'], f'the config saved in {weights}')
+    update(saved)
+    if cfg_file:
+        differ = [d for d in _differences(saved, config) if d.startswith(MODEL_KEYS)]
+        if differ:
+            raise UserError(f'{cfg_file} contradicts the config {weights} was trained with: '
+                            f'{"; ".join(differ)} (leave -cfg out to use the checkpoint\'s own)')
+        return config
+    return saved
 
 
 def check_file(path, what):
@@ -116,7 +172,7 @@ def load_checkpoint_pair(prefix):
     fp = opt_state.get('model_fingerprint')
     if fp is not None and fp != _fingerprint(params):
         raise UserError(f'{params} and {opt} are from different saves (interrupted save?)')
-    return load_file(params, 'checkpoint file'), opt_state
+    return split_meta(load_file(params, 'checkpoint file'))[0], opt_state
 
 
 def resume_prefix(resume, output_dir, log=print):
@@ -179,7 +235,11 @@ def config_differences(saved_path, config):
         saved = cfgmod.get_config(saved_path)
     except cfgmod.ConfigError as e:
         raise UserError(f'cannot read the saved config of the run: {e}') from None
+    return [d for d in _differences(saved, config) if not d.startswith(RESUME_MAY_CHANGE)]
 
+
+def _differences(a, b):
+    """'KEY a -> b' for every leaf key whose values differ (BASE left out)."""
     def flat(node, prefix=''):
         out = {}
         for k, v in node.items():
@@ -188,9 +248,9 @@ def config_differences(saved_path, config):
             else:
                 out[prefix + k] = v
         return out
-    a, b = flat(saved), flat(config)
-    return [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-            if k not in RESUME_MAY_CHANGE and k != 'BASE' and a.get(k) != b.get(k)]
+    fa, fb = flat(a), flat(b)
+    return [f'{k} {fa.get(k)!r} -> {fb.get(k)!r}' for k in sorted(set(fa) | set(fb))
+            if k != 'BASE' and fa.get(k) != fb.get(k)]
 
 
 def find_resume_checkpoint(output_dir):
@@ -239,7 +299,7 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     the official scripts). Returns (missing, unused).
     """
     import transformer  # (lazy: saving and resuming do not need the models)
-    state = load_file(path, 'pretrained weights')
+    state = split_meta(load_file(path, 'pretrained weights'))[0]
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
     if not isinstance(state, dict) or 'pos_embed' not in state:

@@ -239,6 +239,18 @@ def get_config(cfg_file=None):
     return config
 
 
+def from_text(text, where):
+    """Defaults merged with a resolved config's YAML text (e.g. the one a checkpoint carries)."""
+    config = _C.clone()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{where}: not valid YAML ({e})') from None
+    data.pop('BASE', None)
+    _merge(config, data, where)
+    return config
+
+
 def merge_opts(config, opts):
     """Apply ['KEY.SUB', 'VALUE', ...] overrides (values read as YAML, e.g. '[0.9,0.95]')."""
     if len(opts) % 2:

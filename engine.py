@@ -183,11 +183,13 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
 
+    meta = checkpoint.run_meta(config, getattr(train_loader.dataset, 'classes', None))
+
     def save(epoch, next_iter, copies=()):
         checkpoint.save_checkpoint(config.OUTPUT, net, optimizer,
                                    {'epoch': epoch, 'iter': next_iter, 'best': best['value'],
                                     'best_epoch': best['epoch'],
-                                    'best_metric': task.best_metric}, scaler, copies)
+                                    'best_metric': task.best_metric}, scaler, copies, meta)
 
     with StopRequests() as stop:
         for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):

@@ -234,7 +234,8 @@ def parse_args(stage, argv=None, can_eval=True):
     doc = getattr(sys.modules.get('__main__'), '__doc__', None)  # the entry point's own text
     p = argparse.ArgumentParser(description=doc or f'MAE {stage} (PaddlePaddle)',
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-cfg', required=True, help='config YAML, e.g. configs/tiny_' + stage + '.yaml')
+    p.add_argument('-cfg', help='config YAML, e.g. configs/tiny_' + stage + '.yaml (with -eval '
+                   'of a checkpoint of this project: optional, the checkpoint carries its own)')
     p.add_argument('-data_path', help='folder with train_list.txt / val_list.txt')
     p.add_argument('-output', help='output folder (checkpoints, log.txt, config.yaml)')
     p.add_argument('-batch_size', type=int, help='batch size per process')
@@ -255,15 +256,24 @@ def setup(stage, argv=None, can_eval=True):
     import checkpoint
     import config as cfgmod
     args = parse_args(stage, argv, can_eval)
-    config = cfgmod.get_config(args.cfg)
-    cfgmod.update_config(config, args)
+    eval_only = getattr(args, 'eval', False)
+    if eval_only:  # the checkpoint's own config, or a -cfg that agrees with it
+        config = checkpoint.config_for(args.cfg, args.pretrained,
+                                       lambda c: cfgmod.update_config(c, args))
+    elif not args.cfg:
+        raise UserError('-cfg FILE is needed, e.g. -cfg configs/tiny_' + stage + '.yaml')
+    else:
+        config = cfgmod.get_config(args.cfg)
+        cfgmod.update_config(config, args)
     cfgmod.check_values(config)
     import transformer
     transformer.model_shape(config)  # an unknown MODEL.NAME, a shape that contradicts it, ...
     if not config.OUTPUT:  # a folder per config, so that stages and sizes do not collide
-        config.OUTPUT = os.path.join('output', os.path.splitext(os.path.basename(args.cfg))[0])
+        name = os.path.splitext(os.path.basename(args.cfg))[0] if args.cfg else stage
+        config.OUTPUT = os.path.join('output', name)
     if config.TRAIN.MODE != stage:
-        raise UserError(f'{args.cfg}: TRAIN.MODE is {config.TRAIN.MODE!r} but this script is '
+        raise UserError(f'{args.cfg or args.pretrained}: TRAIN.MODE is {config.TRAIN.MODE!r} '
+                        f'but this script is '
                         f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
     if not config.DATA.DATA_PATH:
         raise UserError('no data: give -data_path DIR (with train_list.txt / val_list.txt or '
@@ -279,7 +289,6 @@ def setup(stage, argv=None, can_eval=True):
         print(f'note: TRAIN.AMP {config.TRAIN.AMP!r} has no effect on CPU; training in float32',
               file=sys.stderr, flush=True)
     config.freeze()
-    eval_only = getattr(args, 'eval', False)
     init_distributed()
     changed = []
     if not eval_only:

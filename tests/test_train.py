@@ -467,3 +467,46 @@ def test_visualdl_steps_grow_per_tag_and_the_best_checkpoint_is_kept(data, tmp_p
     with open(os.path.join(out, 'best.pdparams'), 'rb') as f, \
             open(os.path.join(out, f'epoch_{best}.pdparams'), 'rb') as g:
         assert f.read() == g.read()
+
+
+def test_checkpoints_carry_config_and_class_names(tmp_path):
+    """A run on class folders: its checkpoint evaluates and exports without -cfg, a -cfg that
+    contradicts it is an error (not a resize), and predict prints the class names."""
+    data = str(tmp_path / 'folders')
+    make_demo_dataset.make(data, train_per_class=4, val_per_class=2, size=40, log=lambda m: None)
+    for name in ('train_list.txt', 'val_list.txt'):
+        os.remove(os.path.join(data, name))  # class folders only
+    out = str(tmp_path / 'ft')
+    opts = TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'DATA.NUM_WORKERS', '0']
+    run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path', data, '-output', out,
+        '-batch_size', '8', opts=opts)
+    weights = os.path.join(out, 'latest.pdparams')
+    meta = paddle.load(weights)['_meta']
+    assert meta['classes'] == sorted(make_demo_dataset.CLASSES)
+    assert 'EMBED_DIM: 48' in meta['config']
+
+    def main(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, 'main_multi_gpu_finetune.py'),
+                               *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = main('-data_path', data, '-pretrained', weights, '-eval')  # no -cfg, no -opts
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)['val_acc1'] == pytest.approx(log_lines(out)[-1]['val_acc1'])
+    other = tmp_path / 'other.yaml'
+    other.write_text(f"BASE: ['{os.path.join(ROOT, 'configs', 'tiny_finetune.yaml')}']\n"
+                     f"DATA:\n  IMAGE_SIZE: 48\n")
+    r = main('-cfg', str(other), '-data_path', data, '-pretrained', weights, '-eval', '-opts',
+             *TINY_ARCH[:6])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {other} contradicts the config {weights} was trained with: DATA.IMAGE_SIZE 32 "
+        f"-> 48 (leave -cfg out to use the checkpoint's own)")
+    exported = str(tmp_path / 'exported')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export_model.py'),
+                    '-pretrained', weights, '-output', exported], check=True,
+                   capture_output=True, cwd=ROOT, timeout=300)
+    image = os.path.join(data, 'val', 'ring', '00000.png')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'predict.py'), '--model',
+                        exported, '--image', image, '--topk', '3'], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(line['topk']) == len(line['classes']) == 3
+    assert line['classes'] == [meta['classes'][c] for c, _ in line['topk']]

@@ -19,6 +19,7 @@ if __name__ == '__main__':
 
 import paddle  # noqa: E402
 
+import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import tasks  # noqa: E402
 import transformer  # noqa: E402
@@ -41,6 +42,10 @@ def export(config, weights, output_dir, log=print):
     spec = [paddle.static.InputSpec([None, 3, size, size], 'float32', 'images')]
     paddle.jit.save(model, os.path.join(output_dir, PREFIX), input_spec=spec)
     cfgmod.dump_config(config, os.path.join(output_dir, 'config.yaml'))
+    classes = (checkpoint.saved_meta(weights) or {}).get('classes')
+    if classes:  # the class names of the training folders, for predict.py
+        with open(os.path.join(output_dir, 'classes.txt'), 'w') as f:
+            f.write('\n'.join(classes) + '\n')
     return model
 
 
@@ -58,13 +63,14 @@ def model_files(model_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-cfg', required=True)
+    p.add_argument('-cfg', help='config of the model (optional for a checkpoint of this project: '
+                   'it carries its own)')
     p.add_argument('-pretrained', required=True, help='fine-tuned .pdparams')
     p.add_argument('-output', required=True, help='folder for the exported model')
     p.add_argument('-opts', nargs='+', action='extend', default=[])
     args = p.parse_args()
-    config = cfgmod.get_config(args.cfg)
-    cfgmod.merge_opts(config, args.opts)
+    config = checkpoint.config_for(args.cfg, args.pretrained,
+                                   lambda c: cfgmod.merge_opts(c, args.opts))
     paddle.set_device('cpu')
     export(config, args.pretrained, args.output)
     program, params = model_files(args.output)

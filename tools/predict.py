@@ -2,7 +2,9 @@
 
     python tools/predict.py --model exported/vit_base --image cat.jpg --image dog.png --topk 5
 
-Prints one JSON line per image: {"image": path, "topk": [[class_index, probability], ...]}.
+Prints one JSON line per image: {"image": path, "topk": [[class_index, probability], ...]},
+plus "classes": [name, ...] (the names of those classes, in the same order) when the model was
+trained on class folders (export_model.py writes their names to classes.txt).
 """
 import argparse
 import json
@@ -41,6 +43,11 @@ class Predictor:
             cfg.set_cpu_math_library_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
         cfg.disable_glog_info()
         self.predictor = paddle_infer.create_predictor(cfg)
+        names = os.path.join(model_dir, 'classes.txt')  # written by export_model.py, if known
+        self.classes = None
+        if os.path.isfile(names):
+            with open(names) as f:
+                self.classes = [line.rstrip('\n') for line in f if line.strip()]
 
     def logits(self, images):
         """images: float32 (N, 3, H, W) already preprocessed -> logits (N, classes)."""
@@ -77,7 +84,10 @@ def main():
     args = p.parse_args()
     predictor = Predictor(args.model, use_gpu=args.gpu)
     for path, top in zip(args.image, predictor.topk(args.image, args.topk)):
-        print(json.dumps({'image': path, 'topk': top}), flush=True)
+        line = {'image': path, 'topk': top}
+        if predictor.classes:  # the names of the classes in topk, in its order
+            line['classes'] = [predictor.classes[c] for c, _ in top]
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == '__main__':

@@ -39,7 +39,7 @@ def load_mae(config, weights):
     model = transformer.build_model(config)
     if not isinstance(model, transformer.MaskedAutoencoderViT):
         raise utils.UserError('visualize needs a pre-training config (*_pretrain.yaml)')
-    state = checkpoint.load_file(weights, 'weights')
+    state = checkpoint.split_meta(checkpoint.load_file(weights, 'weights'))[0]
     if 'decoder_pred.weight' not in state:
         raise utils.UserError(
             f'{weights} has no decoder (an encoder-only checkpoint such as '
@@ -130,7 +130,8 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-cfg', required=True, help='pre-training config of the model')
+    p.add_argument('-cfg', help='pre-training config of the model (optional for a checkpoint of '
+                   'this project: it carries its own)')
     p.add_argument('-pretrained', required=True, help='.pdparams with the decoder')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
     p.add_argument('--out', required=True, help='output PNG')
@@ -141,8 +142,8 @@ def main():
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise utils.UserError(f'--out {args.out}: the folder {folder} does not exist')
-    config = cfgmod.get_config(args.cfg)
-    cfgmod.merge_opts(config, args.opts)
+    config = checkpoint.config_for(args.cfg, args.pretrained,
+                                   lambda c: cfgmod.merge_opts(c, args.opts))
     paddle.set_device('cpu')
     canvas = visualize(config, args.pretrained, args.image, args.out, args.seed, args.scale)
     print(f'wrote {args.out} ({canvas.size[0]}x{canvas.size[1]}, {len(args.image)} image(s))')
