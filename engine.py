@@ -299,5 +299,6 @@ def run(mode, argv=None):
         return
     train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())
+    logger.open(config)  # everything checked and built: the run folder starts here
     fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
         scaler=build_scaler(config))

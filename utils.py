@@ -182,13 +182,20 @@ class Logger:
         self.output_dir = output_dir
         self.stream = stream
         self.vdl = None
-        if self.main and output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            try:
-                from visualdl import LogWriter
-                self.vdl = LogWriter(logdir=os.path.join(output_dir, 'vdl'))
-            except ImportError:
-                pass
+
+    def open(self, config):
+        """Start writing the run folder (main process): the folder, config.yaml, VisualDL.
+        Called once everything a user can get wrong has been checked and built."""
+        if not (self.main and self.output_dir):
+            return
+        import config as cfgmod
+        os.makedirs(self.output_dir, exist_ok=True)
+        cfgmod.dump_config(config, os.path.join(self.output_dir, 'config.yaml'))
+        try:
+            from visualdl import LogWriter
+            self.vdl = LogWriter(logdir=os.path.join(self.output_dir, 'vdl'))
+        except ImportError:
+            pass
 
     def info(self, msg):
         if self.main:
@@ -251,8 +258,9 @@ def parse_args(stage, argv=None, can_eval=True):
 
 
 def setup(stage, argv=None, can_eval=True):
-    """Flags -> checked config; output folder with the resolved config.yaml; distributed
-    set-up; returns (config, args, logger)."""
+    """Flags -> checked config (paths, values, the run folder), distributed set-up, seeds;
+    returns (config, args, logger). Nothing is written yet: logger.open(config) starts the run
+    folder once the model and the data are built too."""
     import checkpoint
     import config as cfgmod
     args = parse_args(stage, argv, can_eval)
@@ -298,6 +306,4 @@ def setup(stage, argv=None, can_eval=True):
     logger = Logger(None, sys.stderr) if eval_only else Logger(config.OUTPUT)
     if changed:
         logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')
-    if is_main_process() and not eval_only:
-        cfgmod.dump_config(config, os.path.join(config.OUTPUT, 'config.yaml'))
     return config, args, logger

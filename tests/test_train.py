@@ -52,7 +52,8 @@ def log_lines(out):
 
 
 def params(path):
-    return {k: np.asarray(v) for k, v in paddle.load(path).items()}
+    """The tensors of a .pdparams (its '_meta' entry -- config, class names -- left out)."""
+    return {k: np.asarray(v) for k, v in paddle.load(path).items() if k != '_meta'}
 
 
 def max_diff(a, b):
@@ -276,6 +277,8 @@ def test_user_errors_are_one_line(data, tmp_path):
          'error: MODEL.ENCODER.EMBED_DIM 128 is not divisible by MODEL.ENCODER.NUM_HEADS 5'),
         (['-data_path', data, '-opts', 'MODEL.NAME', 'vit_gigantic'],
          "error: MODEL.NAME 'vit_gigantic' is not a known model"),
+        (['-data_path', data, '-opts', 'MODEL.NUM_CLASSES', '3'],
+         'is outside 0..2 (MODEL.NUM_CLASSES 3)'),
         (['-data_path', data, '-opts', 'MODEL.NAME', 'vit_large_patch16'],
          "error: MODEL.NAME 'vit_large_patch16' is ViT-L/16 (MODEL.ENCODER.PATCH_SIZE 16, "),
     ]
@@ -329,8 +332,10 @@ def test_default_output_folder_is_per_config(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config, _, logger = utils.setup('finetune', [
         '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'), '-data_path', data])
-    logger.close()
     assert config.OUTPUT == os.path.join('output', 'tiny_finetune')
+    assert not (tmp_path / 'output').exists()  # nothing is written before the run starts
+    logger.open(config)
+    logger.close()
     assert (tmp_path / 'output' / 'tiny_finetune' / 'config.yaml').is_file()
 
 
