@@ -272,10 +272,23 @@ def find_resume_checkpoint(output_dir):
 
 
 def resume(prefix, model, optimizer, scaler=None):
-    """Load a checkpoint pair into model / optimizer / scaler; returns the saved state dict."""
+    """Load a checkpoint pair into model / optimizer / scaler; returns the saved state dict.
+    A pair of another model or optimizer is a UserError saying what it is."""
     model_state, opt_state = load_checkpoint_pair(prefix)
+    own = model.state_dict()
+    wrong = [k for k in own if k not in model_state
+             or tuple(model_state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(f'-resume {prefix}: the checkpoint does not fit the model of this config: '
+                        f'it is {describe_weights(model_state)}, the config builds '
+                        f'{describe_weights(own)} ({len(wrong)} tensors differ, e.g. {wrong[0]})')
     model.set_state_dict(model_state)
-    optimizer.set_state_dict(opt_state['optimizer'])
+    try:
+        optimizer.set_state_dict(opt_state['optimizer'])
+    except Exception as e:  # (Paddle raises assertion and key errors of its own here)
+        raise UserError(f'-resume {prefix}: cannot restore the optimizer state of '
+                        f'{prefix}.pdopt into {type(optimizer).__name__} '
+                        f'(TRAIN.OPTIMIZER changed?): {type(e).__name__} {e}') from None
     if scaler is not None and 'scaler' in opt_state:
         scaler.load_state_dict(opt_state['scaler'])
     return opt_state['state']

@@ -154,8 +154,11 @@ def _hms(seconds):
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, scaler=None):
-    """The epoch loop all tasks share: resume, train, validate, log, checkpoint.
+def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, scaler=None,
+        resumed=None):
+    """The epoch loop all tasks share: train, validate, log, checkpoint; from the training
+    state `resumed` (checkpoint.resume's, already loaded into model / optimizer / scaler) or
+    from the start.
 
     log.txt gets one JSON object per epoch (with the task's metrics when it validates);
     latest.* is written after every epoch (and every SAVE_FREQ_ITERS iterations),
@@ -166,13 +169,10 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
     world = dist.get_world_size()
     peak = optim.peak_lr(config, world)
     start_epoch, start_iter, best = 0, 0, {'value': None, 'epoch': None}
-    prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
-    if prefix:
-        state = checkpoint.resume(prefix, model, optimizer, scaler)
-        start_epoch, start_iter = state['epoch'], state['iter']
-        best = {'value': state.get('best', state.get('best_acc1')),
-                'epoch': state.get('best_epoch')}
-        logger.info(f'resumed from {prefix}: epoch {start_epoch}, iteration {start_iter}')
+    if resumed:
+        start_epoch, start_iter = resumed['epoch'], resumed['iter']
+        best = {'value': resumed.get('best', resumed.get('best_acc1')),
+                'epoch': resumed.get('best_epoch')}
         logger.truncate(start_epoch)
     model, optimizer = prepare_amp(config, model, optimizer)
     net = model
@@ -299,6 +299,13 @@ def run(mode, argv=None):
         return
     train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())
+    scaler = build_scaler(config)
+    prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
+    resumed = None
+    if prefix:  # (a checkpoint that does not fit stops here, before anything is written)
+        resumed = checkpoint.resume(prefix, model, optimizer, scaler)
+        logger.info(f'resumed from {prefix}: epoch {resumed["epoch"]}, iteration '
+                    f'{resumed["iter"]}')
     logger.open(config)  # everything checked and built: the run folder starts here
     fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
-        scaler=build_scaler(config))
+        scaler=scaler, resumed=resumed)

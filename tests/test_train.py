@@ -515,3 +515,19 @@ def test_checkpoints_carry_config_and_class_names(tmp_path):
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(line['topk']) == len(line['classes']) == 3
     assert line['classes'] == [meta['classes'][c] for c, _ in line['topk']]
+
+
+def test_resume_of_another_models_checkpoint_is_one_line(data, pretrained):
+    out = pretrained[0]
+    before = {f: open(os.path.join(out, f), 'rb').read() for f in ('latest.pdparams', 'log.txt',
+                                                                   'config.yaml')}
+    opts = PRETRAIN_OPTS[:1] + ['96'] + PRETRAIN_OPTS[2:]  # MODEL.ENCODER.EMBED_DIM 96, not 48
+    assert opts[:3] == ['MODEL.ENCODER.EMBED_DIM', '96', 'MODEL.ENCODER.DEPTH']
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data, '-output',
+            out, '-batch_size', '16', '-resume', 'auto', opts=opts, check=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f'error: -resume {out}/latest: the checkpoint does not fit the model of this config: it '
+        f'is ViT/4: embed 48, 2 blocks, 8x8 patches of 4, the config builds ViT/4: embed 96, 2 '
+        f'blocks, 8x8 patches of 4')
+    assert {f: open(os.path.join(out, f), 'rb').read() for f in before} == before
