@@ -257,9 +257,32 @@ def _torch_file(path):
     return str(path)
 
 
+def _other_size_weights(path):
+    import transformer
+    model = transformer.vit_custom(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                                   num_classes=10)
+    paddle.save(model.state_dict(), str(path))
+    return str(path)
+
+
+def _three_class_folders(root):
+    from PIL import Image
+    for split in ('train', 'val'):
+        for name in ('circle', 'square', 'triangle'):
+            os.makedirs(root / split / name)
+            Image.new('RGB', (8, 8)).save(root / split / name / '0.png')
+    return str(root)
+
+
 def test_user_errors_are_one_line(data, tmp_path):
     cases = [
         (['-data_path', str(tmp_path / 'nowhere')], 'data folder not found'),
+        (['-data_path', data, '-pretrained', _other_size_weights(tmp_path / 'vit64.pdparams')],
+         'does not fit the model of this config: the checkpoint is ViT/4: embed 64, 2 blocks, '
+         '8x8 patches of 4, the config builds ViT/4: embed 128, 4 blocks, 8x8 patches of 4'),
+        (['-data_path', _three_class_folders(tmp_path / 'shapes')],
+         'has 3 class folders (circle, square, triangle) but MODEL.NUM_CLASSES is 10: set -opts '
+         'MODEL.NUM_CLASSES 3'),
         (['-data_path', data, '-opts', 'TRAIN.NOPE', '1'], 'unknown config key TRAIN.NOPE'),
         (['-data_path', data, '-pretrained', str(tmp_path / 'x.pdparams')],
          'pretrained weights not found'),
