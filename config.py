@@ -55,7 +55,9 @@ _C.TRAIN.MODE = 'pretrain'            # 'pretrain' | 'finetune' | 'linearprobe'
 _C.TRAIN.NUM_EPOCHS = 800
 _C.TRAIN.WARMUP_EPOCHS = 40
 _C.TRAIN.BASE_LR = 1.5e-4             # lr = BASE_LR * eff_batch / LR_SCALE_DIVISOR
-_C.TRAIN.MIN_LR = 0.0                 # end of the half-cycle cosine
+_C.TRAIN.MIN_LR = 0.0                 # end of the half-cycle cosine (or of the poly decay)
+_C.TRAIN.LR_SCHEDULE = 'cosine'       # after the warmup: 'cosine' (MAE) | 'poly' (power 1, as
+                                      # mmsegmentation's ADE20K recipes)
 _C.TRAIN.LR_SCALE_DIVISOR = 256
 _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.LAYER_DECAY = 1.0            # layer-wise lr decay; 1.0 = off
@@ -92,6 +94,7 @@ CHOICES = {
     'DATA.ON_BAD_IMAGE': ('error', 'skip'),
     'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe'),
     'TRAIN.AMP': ('', 'float16', 'bfloat16'),
+    'TRAIN.LR_SCHEDULE': ('cosine', 'poly'),
     'TRAIN.AMP_LEVEL': ('O1', 'O2'),
     'TRAIN.OPTIMIZER.NAME': ('AdamW', 'LARS'),
     'TRAIN.RANDOM_ERASE_MODE': ('pixel', 'rand', 'const'),

@@ -24,8 +24,18 @@ def peak_lr(config, world_size):
 
 
 def lr_at(epoch, config, lr):
-    """lr at a fractional epoch: linear warmup from 0, then half-cycle cosine down to MIN_LR."""
+    """lr at a fractional epoch, by TRAIN.LR_SCHEDULE:
+
+    cosine (official MAE): linear warmup from 0 to lr, then half-cycle cosine down to MIN_LR;
+    poly (mmsegmentation / mmcv's PolyLrUpdaterHook, power 1): the poly value
+    MIN_LR + (lr - MIN_LR) * (1 - epoch / NUM_EPOCHS), over the whole run, multiplied during
+    the warmup by epoch / WARMUP_EPOCHS (mmcv's linear warmup, from a ratio of 0 instead of
+    the recipe's 1e-6).
+    """
     t = config.TRAIN
+    if t.LR_SCHEDULE == 'poly':
+        value = t.MIN_LR + (lr - t.MIN_LR) * max(1.0 - epoch / t.NUM_EPOCHS, 0.0)
+        return value * epoch / t.WARMUP_EPOCHS if epoch < t.WARMUP_EPOCHS else value
     if epoch < t.WARMUP_EPOCHS:
         return lr * epoch / t.WARMUP_EPOCHS
     span = max(t.NUM_EPOCHS - t.WARMUP_EPOCHS, 1e-12)

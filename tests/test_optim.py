@@ -90,6 +90,26 @@ def test_schedule_warmup_cosine():
     assert 1e-6 < optim.lr_at(99.0, c, lr) < 1e-5
 
 
+def test_poly_schedule_equals_torch_linear_warmup_times_polynomial():
+    """TRAIN.LR_SCHEDULE poly (mmsegmentation's power-1 poly with linear warmup) against torch's
+    ChainedScheduler(LinearLR, PolynomialLR), which multiplies the two factors as mmcv does;
+    step t of 10 per epoch, 20 epochs, warmup 3."""
+    c = cfg('tiny_finetune', TRAIN__LR_SCHEDULE='poly', TRAIN__NUM_EPOCHS=20,
+            TRAIN__WARMUP_EPOCHS=3, TRAIN__MIN_LR=0.0)
+    lr, per_epoch = 1e-4, 10
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    sched = torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-6, total_iters=3 * per_epoch),
+        torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=20 * per_epoch, power=1.0)])
+    for t in range(20 * per_epoch + 1):
+        ref = opt.param_groups[0]['lr']
+        assert optim.lr_at(t / per_epoch, c, lr) == pytest.approx(ref, rel=1e-9, abs=1e-6 * lr), t
+        opt.step()
+        sched.step()
+    assert optim.lr_at(20.0, c, lr) == 0.0
+
+
 def test_adamw_step_equals_torch_with_official_groups():
     c = cfg('tiny_finetune')
     paddle.seed(0)
