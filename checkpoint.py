@@ -120,7 +120,7 @@ def config_for(cfg_file, weights, update):
     saved = cfgmod.from_text(meta['config'], f'the config saved in {weights}')
     update(saved)
     if cfg_file:
-        differ = [d for d in _differences(saved, config) if d.startswith(MODEL_KEYS)]
+        differ = _differences(saved, config, lambda k: _under(k, MODEL_KEYS))
         if differ:
             raise UserError(f'{cfg_file} contradicts the config {weights} was trained with: '
                             f'{"; ".join(differ)} (leave -cfg out to use the checkpoint\'s own)')
@@ -235,11 +235,16 @@ def config_differences(saved_path, config):
         saved = cfgmod.get_config(saved_path)
     except cfgmod.ConfigError as e:
         raise UserError(f'cannot read the saved config of the run: {e}') from None
-    return [d for d in _differences(saved, config) if not d.startswith(RESUME_MAY_CHANGE)]
+    return _differences(saved, config, lambda k: not _under(k, RESUME_MAY_CHANGE))
 
 
-def _differences(a, b):
-    """'KEY a -> b' for every leaf key whose values differ (BASE left out)."""
+def _under(key, names):
+    """key is one of names, or inside one of them (a section such as MODEL.ENCODER)."""
+    return any(key == n or key.startswith(n + '.') for n in names)
+
+
+def _differences(a, b, wanted):
+    """'KEY a -> b' for every leaf key for which wanted(KEY) and whose values differ."""
     def flat(node, prefix=''):
         out = {}
         for k, v in node.items():
@@ -250,7 +255,7 @@ def _differences(a, b):
         return out
     fa, fb = flat(a), flat(b)
     return [f'{k} {fa.get(k)!r} -> {fb.get(k)!r}' for k in sorted(set(fa) | set(fb))
-            if k != 'BASE' and fa.get(k) != fb.get(k)]
+            if k != 'BASE' and wanted(k) and fa.get(k) != fb.get(k)]
 
 
 def find_resume_checkpoint(output_dir):
