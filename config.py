@@ -26,6 +26,13 @@ _C.DATA.CROP_PCT = 0.875              # eval: resize to IMAGE_SIZE / CROP_PCT, c
 _C.DATA.MEAN = [0.485, 0.456, 0.406]  # ImageNet, RGB in [0, 1]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.ON_BAD_IMAGE = 'error'        # 'error': stop naming the file; 'skip': use another image
+# semantic segmentation (DESIGN.md 3.4): the crop / sliding window is IMAGE_SIZE
+_C.DATA.IGNORE_INDEX = 255            # annotation value left out of the loss and the metrics
+_C.DATA.REDUCE_ZERO_LABEL = False     # ADE20K: 0 ('other') -> IGNORE_INDEX, 1..150 -> 0..149
+_C.DATA.SEG_SCALE = [2048, 512]       # resize into (long side, short side) bounds, ratio kept
+_C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]  # training: SEG_SCALE times a ratio drawn from this range
+_C.DATA.SEG_CAT_MAX_RATIO = 0.75      # training crop: retried (10x) while one class covers more
+_C.DATA.SEG_PHOTOMETRIC = True        # training: mmseg's PhotoMetricDistortion
 
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CN()
@@ -35,6 +42,7 @@ _C.MODEL.GLOBAL_POOL = True           # classifier: mean of patch tokens + fc_no
 _C.MODEL.DROP_PATH = 0.0              # stochastic depth rate of the last block (classifier)
 _C.MODEL.MASK_RATIO = 0.75            # pre-training: fraction of patches removed
 _C.MODEL.NORM_PIX_LOSS = False        # pre-training: per-patch normalised pixel targets
+_C.MODEL.REL_POS_BIAS = False        # BEiT-style relative position bias per block, zero init
 _C.MODEL.RECOMPUTE = False            # activation checkpointing of every block (GPU memory, L/H)
 _C.MODEL.PRETRAINED = ''              # .pdparams to start from (fine-tune / probe / eval)
 _C.MODEL.RESUME = ''                  # checkpoint prefix to resume, or 'auto'
@@ -48,6 +56,14 @@ _C.MODEL.DECODER = CN()
 _C.MODEL.DECODER.EMBED_DIM = 512
 _C.MODEL.DECODER.DEPTH = 8
 _C.MODEL.DECODER.NUM_HEADS = 16
+_C.MODEL.SEGMENTATION = CN()          # UperNet on the encoder (segmentation.py)
+_C.MODEL.SEGMENTATION.OUT_INDICES = [3, 5, 7, 11]  # 0-based blocks feeding fpn1..fpn4
+_C.MODEL.SEGMENTATION.CHANNELS = 768  # UperHead width
+_C.MODEL.SEGMENTATION.POOL_SCALES = [1, 2, 3, 6]
+_C.MODEL.SEGMENTATION.AUX_CHANNELS = 256  # auxiliary FCN head on the third level
+_C.MODEL.SEGMENTATION.AUX_WEIGHT = 0.4
+_C.MODEL.SEGMENTATION.DROPOUT = 0.1   # before each head's 1x1 classifier conv
+_C.MODEL.SEGMENTATION.SLIDE_STRIDE = 341  # evaluation: sliding windows of IMAGE_SIZE, this stride
 
 # ---------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -59,6 +75,9 @@ _C.TRAIN.MIN_LR = 0.0                 # end of the half-cycle cosine (or of the 
 _C.TRAIN.LR_SCHEDULE = 'cosine'       # after the warmup: 'cosine' (MAE) | 'poly' (power 1, as
                                       # mmsegmentation's ADE20K recipes)
 _C.TRAIN.LR_SCALE_DIVISOR = 256
+_C.TRAIN.ITERS_PER_EPOCH = 0          # optimizer steps an epoch; 0 = one pass over the training
+                                      # set. Else epochs cut a stream of shuffled passes: an
+                                      # iteration budget (ADE20K: 160 x 1000 = 160k iterations)
 _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.LAYER_DECAY = 1.0            # layer-wise lr decay; 1.0 = off
 _C.TRAIN.ACCUM_ITER = 1               # gradient accumulation steps per optimizer step
@@ -92,7 +111,7 @@ _C.OUTPUT = ''           # run folder; '' = output/<config file name without .ya
 
 CHOICES = {
     'DATA.ON_BAD_IMAGE': ('error', 'skip'),
-    'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe'),
+    'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe', 'segmentation'),
     'TRAIN.AMP': ('', 'float16', 'bfloat16'),
     'TRAIN.LR_SCHEDULE': ('cosine', 'poly'),
     'TRAIN.AMP_LEVEL': ('O1', 'O2'),
@@ -111,6 +130,20 @@ RANGES = {
     'MODEL.NUM_CLASSES': (lambda v: v >= 1, '>= 1'),
     'MODEL.DROP_PATH': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'MODEL.MASK_RATIO': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'MODEL.SEGMENTATION.CHANNELS': (lambda v: v >= 1, '>= 1'),
+    'MODEL.SEGMENTATION.AUX_CHANNELS': (lambda v: v >= 1, '>= 1'),
+    'MODEL.SEGMENTATION.AUX_WEIGHT': (lambda v: v >= 0, '>= 0 (0: no auxiliary loss)'),
+    'MODEL.SEGMENTATION.DROPOUT': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'MODEL.SEGMENTATION.SLIDE_STRIDE': (lambda v: v >= 1, '>= 1 (pixels)'),
+    'MODEL.SEGMENTATION.OUT_INDICES': (lambda v: len(v) == 4, 'four block indices (fpn1..fpn4)'),
+    'MODEL.SEGMENTATION.POOL_SCALES': (lambda v: len(v) >= 1 and min(v) >= 1,
+                                       'a list of pooled sizes >= 1'),
+    'DATA.IGNORE_INDEX': (lambda v: 0 <= v <= 255, 'in 0..255 (a value of 8-bit annotations)'),
+    'DATA.SEG_SCALE': (lambda v: len(v) == 2 and min(v) >= 1, '[long side, short side] >= 1'),
+    'DATA.SEG_RATIO_RANGE': (lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+                             '[low, high], 0 < low <= high'),
+    'DATA.SEG_CAT_MAX_RATIO': (lambda v: 0 < v <= 1, 'in (0, 1] (1: off)'),
+    'TRAIN.ITERS_PER_EPOCH': (lambda v: v >= 0, '>= 0 (0: one pass over the data)'),
     'TRAIN.NUM_EPOCHS': (lambda v: v >= 1, '>= 1'),
     'TRAIN.WARMUP_EPOCHS': (lambda v: v >= 0, '>= 0'),
     'TRAIN.BASE_LR': (lambda v: v > 0, '> 0'),
