@@ -6,6 +6,7 @@
 - resume: a pair loaded back; load_pretrained: MODEL.PRETRAINED (ours or converted official
   weights) into a model, with the report of what was missing or unused.
 """
+import fnmatch
 import hashlib
 import os
 import warnings
@@ -303,37 +304,47 @@ def resume(prefix, model, optimizer, scaler=None):
 # pre-trained weights
 # ---------------------------------------------------------------------------------------------
 def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
-                    head_init_std=2e-5):
+                    head_init_std=2e-5, prefix=''):
     """Load MODEL.PRETRAINED (a Paddle .pdparams: ours or converted official) into model.
 
     The weights must fit: a tensor of the model that the checkpoint lacks, or holds in another
     shape, is a UserError saying what the checkpoint is and what the config builds -- except
-    under the name prefixes in `reinit`, the parts the task initialises afresh by design (a
-    classifier's head and, with global pooling, fc_norm; pre-training's decoder), and except
+    names matching `reinit` (prefixes, or fnmatch patterns when they hold a '*'), the parts the
+    task initialises afresh by design (a classifier's head and, with global pooling, fc_norm;
+    pre-training's decoder; a segmentor's neck, heads and relative position tables), and except
     pos_embed, which is interpolated when only the patch grid differs (fine-tuning at another
     resolution). eval_only (-eval, export): nothing may be missing or differ. Tensors of the
     checkpoint the model does not use (the decoder, in fine-tuning) are listed, not an error.
-    A head initialised afresh gets trunc-normal head_init_std (2e-5 fine-tune, 0.01 probe, as
-    the official scripts). Returns (missing, unused).
+    prefix: where the encoder lives in the model ('backbone.' in the segmentor); a checkpoint
+    of a bare encoder (pre-training, fine-tuning, converted official) is loaded under it, one
+    of the whole model as it is. A head initialised afresh gets trunc-normal head_init_std
+    (2e-5 fine-tune, 0.01 probe, as the official scripts). Returns (missing, unused).
     """
     import transformer  # (lazy: saving and resuming do not need the models)
     state = split_meta(load_file(path, 'pretrained weights'))[0]
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
-    if not isinstance(state, dict) or 'pos_embed' not in state:
+    pos = prefix + 'pos_embed'
+    if isinstance(state, dict) and prefix and pos not in state and 'pos_embed' in state:
+        state = {prefix + k: v for k, v in state.items()}
+        log(f'pretrained: {path} holds a bare encoder: loading it under {prefix}')
+    if not isinstance(state, dict) or pos not in state:
         raise UserError(f'{path} holds no ViT/MAE weights (no pos_embed); official .pth files '
                         f'must be converted first: port_weights/convert_official.py')
     own = model.state_dict()
     reinit = () if eval_only else tuple(reinit)
-    pe = state['pos_embed']
-    if tuple(pe.shape) != tuple(own['pos_embed'].shape) and pe.shape[-1] == \
-            own['pos_embed'].shape[-1] and not eval_only:
-        new_grid = model.patch_embed.grid_size
+    encoder = model
+    for part in prefix.strip('.').split('.') if prefix else ():
+        encoder = getattr(encoder, part)
+    pe = state[pos]
+    if tuple(pe.shape) != tuple(own[pos].shape) and pe.shape[-1] == own[pos].shape[-1] \
+            and not eval_only:
+        new_grid = encoder.patch_embed.grid_size
         old_tokens = pe.shape[1] - 1
         log(f'pretrained: interpolating pos_embed from {int(round(old_tokens ** 0.5))}^2 to '
             f'{new_grid}^2 patches')
         state = dict(state)
-        state['pos_embed'] = transformer.interpolate_pos_embed(
+        state[pos] = transformer.interpolate_pos_embed(
             np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe), new_grid)
     usable, unused, misfit = {}, [], []
     for k, v in state.items():
@@ -344,11 +355,11 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
         else:
             unused.append(k)
     missing = [k for k in own if k not in usable]
-    wrong = [k for k in misfit if not k.startswith(reinit)]
-    absent = [k for k in missing if k not in misfit and not k.startswith(reinit)]
+    wrong = [k for k in misfit if not _fresh(k, reinit)]
+    absent = [k for k in missing if k not in misfit and not _fresh(k, reinit)]
     if wrong or absent:
-        what = describe_weights(state)
-        builds = describe_weights(own)
+        what = describe_weights(_strip(state, prefix))
+        builds = describe_weights(_strip(own, prefix))
         details = '; '.join(
             [f'{k} is {list(state[k].shape)} there, {list(own[k].shape)} here' for k in wrong[:3]]
             + ([f'missing there: {_summarise(absent)}'] if absent else []))
@@ -364,12 +375,24 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
         log(f'pretrained: head initialised fresh (trunc-normal std {head_init_std})')
     log(f'pretrained: loaded {len(usable)} tensors from {path}')
     if missing:
-        log(f'pretrained: missing (kept as initialised): {missing}')
+        log(f'pretrained: missing (kept as initialised): {_summarise(missing)}')
     if misfit:
         log(f'pretrained: not loaded, shape differs (initialised afresh by design): {misfit}')
     if unused:
         log(f'pretrained: unused: {_summarise(unused)}')
     return missing, unused + misfit
+
+
+def _fresh(name, reinit):
+    """Whether a parameter name is one the task initialises afresh (see load_pretrained)."""
+    return any(fnmatch.fnmatchcase(name, r) if '*' in r else name.startswith(r) for r in reinit)
+
+
+def _strip(state, prefix):
+    """The encoder's part of a state dict, its names without prefix (for describe_weights)."""
+    if not prefix:
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def describe_weights(state):
@@ -391,12 +414,17 @@ def describe_weights(state):
 
 
 def _summarise(keys):
-    """Collapse decoder_blocks.N.* style keys so the report stays readable."""
+    """Collapse numbered keys (decoder_blocks.N.*, backbone.blocks.N.*) so the report stays
+    readable: 'backbone.blocks.*.attn.relative_position_bias_table (12)'."""
     groups = {}
     for k in keys:
         parts = k.split('.')
-        g = f'{parts[0]}.*' if len(parts) > 2 and parts[1].isdigit() else k
+        numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+        if numbered and numbered[0] + 1 < len(parts):
+            i = numbered[0]
+            tail = '.'.join(parts[i + 1:])
+            g = '.'.join(parts[:i]) + ('.*' if tail.count('.') > 1 or not tail else '.*.' + tail)
+        else:
+            g = k
         groups[g] = groups.get(g, 0) + 1
     return [f'{g} ({n})' if n > 1 else g for g, n in groups.items()]
-
-

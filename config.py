@@ -69,7 +69,7 @@ _C.MODEL.SEGMENTATION.SLIDE_STRIDE = 341  # evaluation: sliding windows of IMAGE
 _C.TRAIN = CN()
 _C.TRAIN.MODE = 'pretrain'            # 'pretrain' | 'finetune' | 'linearprobe'
 _C.TRAIN.NUM_EPOCHS = 800
-_C.TRAIN.WARMUP_EPOCHS = 40
+_C.TRAIN.WARMUP_EPOCHS = 40.0         # (fractions allowed: 1.5 epochs of 1000 iterations = 1500)
 _C.TRAIN.BASE_LR = 1.5e-4             # lr = BASE_LR * eff_batch / LR_SCALE_DIVISOR
 _C.TRAIN.MIN_LR = 0.0                 # end of the half-cycle cosine (or of the poly decay)
 _C.TRAIN.LR_SCHEDULE = 'cosine'       # after the warmup: 'cosine' (MAE) | 'poly' (power 1, as

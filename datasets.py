@@ -419,14 +419,23 @@ class TrainBatchSampler(DistributedBatchSampler):
     set_epoch(e, k) fixes the epoch (a resumed run gets the same order) and makes the next pass
     start at batch k (resuming mid-epoch; len() stays the full epoch's). A full pass moves on
     to the next epoch by itself, so forgetting set_epoch does not repeat one order forever.
+
+    samples_per_epoch (TRAIN.ITERS_PER_EPOCH: an iteration budget, mmsegmentation's habit):
+    the passes' permutations (pass p drawn from (seed, p)) are laid end to end as one stream,
+    and epoch e is its positions [e * S, (e + 1) * S), S = samples_per_epoch over all
+    processes (a multiple of num_replicas * batch_size). 0: an epoch is one pass.
     """
 
     def __init__(self, dataset, batch_size, num_replicas=None, rank=None, seed=0,
-                 drop_last=True):
+                 drop_last=True, samples_per_epoch=0):
         super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank,
                          shuffle=True, drop_last=drop_last)
         self.seed = seed
         self.start_batch = 0
+        self.samples_per_epoch = samples_per_epoch
+        if samples_per_epoch:
+            self.total_size = samples_per_epoch
+            self.num_samples = samples_per_epoch // self.nranks
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch = epoch
@@ -434,9 +443,16 @@ class TrainBatchSampler(DistributedBatchSampler):
 
     def indices(self):
         """This process's sample indices for the current epoch, in order."""
-        order = utils.rng(self.seed, self.epoch, 'order').permutation(
-            len(self.dataset))
-        order = np.resize(order, self.total_size)  # wrap-around padding
+        n = len(self.dataset)
+        if self.samples_per_epoch:
+            start = self.epoch * self.samples_per_epoch
+            stop = start + self.samples_per_epoch
+            order = np.concatenate([utils.rng(self.seed, p, 'order').permutation(n)
+                                    for p in range(start // n, (stop - 1) // n + 1)])
+            order = order[start - start // n * n:][:self.samples_per_epoch]
+        else:
+            order = utils.rng(self.seed, self.epoch, 'order').permutation(n)
+            order = np.resize(order, self.total_size)  # wrap-around padding
         return order[self.local_rank::self.nranks]
 
     def __iter__(self):
@@ -508,9 +524,11 @@ class EpochDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_sampler, num_workers, seed, rank, train):
+        # a dataset of samples default_collate cannot stack (segmentation's evaluation images
+        # of different sizes) names its own collate_fn
         super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                          worker_init_fn=_WorkerInit(batch_sampler, seed, rank, train),
-                         return_list=True)
+                         collate_fn=getattr(dataset, 'collate_fn', None), return_list=True)
         self._seed, self._train = seed, train
 
     def set_epoch(self, epoch, start_batch=0):
@@ -571,7 +589,8 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
     """Loader of `dataset` for this process (rank/num_replicas: Paddle's distributed env).
 
     Training: DATA.BATCH_SIZE, shuffled from (SEED, epoch), drop_last, seeded workers; call
-    loader.set_epoch(epoch) before each epoch. Evaluation: DATA.BATCH_SIZE_EVAL, each image on
+    loader.set_epoch(epoch) before each epoch. An epoch is one pass, or TRAIN.ITERS_PER_EPOCH
+    optimizer steps (x ACCUM_ITER batches) out of a stream of passes. Evaluation: DATA.BATCH_SIZE_EVAL, each image on
     exactly one process. Batches are (images float32 [B, 3, H, W], labels int64 [B], sample ids
     int64 [B]).
     """
@@ -580,8 +599,11 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
     if rank is None:
         rank = paddle.distributed.get_rank()
     if is_train:
+        per_epoch = (config.TRAIN.ITERS_PER_EPOCH * config.TRAIN.ACCUM_ITER *
+                     config.DATA.BATCH_SIZE * num_replicas)
         sampler = TrainBatchSampler(dataset, config.DATA.BATCH_SIZE, num_replicas=num_replicas,
-                                    rank=rank, seed=config.SEED, drop_last=True)
+                                    rank=rank, seed=config.SEED, drop_last=True,
+                                    samples_per_epoch=per_epoch)
         if len(sampler) == 0:
             raise DataError(f'{len(dataset)} training images make no full batch of '
                             f'DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} on each of '

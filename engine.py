@@ -208,7 +208,9 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 if best['value'] is None or value > best['value']:
                     best = {'value': value, 'epoch': epoch}
                     copies.append('best')
-                record.update({k: v for k, v in metrics.items() if k != 'n'})
+                # (numbers only: a per-class table stays in the log's text lines)
+                record.update({k: v for k, v in metrics.items()
+                               if k != 'n' and isinstance(v, (int, float))})
                 logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
                             f'(best {task.best_metric} {best["value"]:.2f})')
             record['epoch_time_s'] = round(time.time() - start, 1)

@@ -190,7 +190,141 @@ class LinearProbe(Finetune):
         return model
 
 
-TASKS = {cls.mode: cls for cls in (Pretrain, Finetune, LinearProbe)}
+class Segmentation(Task):
+    """Semantic segmentation (DESIGN.md 3.4): UperNet + auxiliary FCN head on the encoder
+    (segmentation.py); loss = cross-entropy of the decode head + AUX_WEIGHT x that of the
+    auxiliary head; evaluation by sliding window, with mIoU / mAcc / aAcc over the whole set.
+
+    Batches: training (images [B, 3, S, S], label maps int64 [B, S, S], ids); evaluation
+    (list of images of their own sizes, list of label maps at the original size, ids), see
+    seg_data.py.
+    """
+    mode = 'segmentation'
+    model_prefix = 'vit_'
+    best_metric = 'mIoU'
+    # fresh: the neck and the heads; the relative position tables when the checkpoint has none
+    # (MAE pre-training and classifiers: zero, as BEiT / the MAE paper's transfer start them)
+    reinit = ('neck.', 'decode_head.', 'auxiliary_head.', '*.relative_position_bias_table')
+
+    def build_model(self):
+        import segmentation  # (lazy: the other tasks do not need it)
+        super().build_model()  # (the MODEL.NAME check only)
+        model = segmentation.build_segmentor(self.config)
+        if paddle.distributed.get_world_size() > 1 and paddle.is_compiled_with_cuda():
+            # batch 2 per GPU: BatchNorm statistics over all GPUs, as the recipe's SyncBN
+            model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def build_dataset(self, is_train):
+        import seg_data
+        return seg_data.build_dataset(self.config, is_train)
+
+    def load_pretrained(self, model, path, log=print, eval_only=False):
+        """An encoder (MAE pre-training, fine-tuned, converted official) into `backbone.`, its
+        pos_embed interpolated to the crop's grid; or a whole segmentor's checkpoint."""
+        return checkpoint.load_pretrained(model, path, log, reinit=self.reinit,
+                                          eval_only=eval_only, prefix='backbone.')
+
+    def pixel_loss(self, logits, labels):
+        """Cross-entropy of logits upsampled (bilinear) to the label map, summed over the
+        labelled pixels and divided by all pixels: mmsegmentation's CrossEntropyLoss default
+        (avg_non_ignore False), which the recipe trained with."""
+        logits = F.interpolate(logits.astype('float32'), size=labels.shape[-2:],
+                               mode='bilinear', align_corners=False)
+        loss = F.cross_entropy(logits, labels.unsqueeze(1), reduction='none', axis=1,
+                               ignore_index=self.config.DATA.IGNORE_INDEX)
+        return loss.mean()
+
+    def loss(self, model, batch, epoch):
+        images, labels = batch[0], batch[1].astype('int64')
+        logits, aux = model(images)
+        loss = self.pixel_loss(logits, labels)
+        weight = self.config.MODEL.SEGMENTATION.AUX_WEIGHT
+        if weight:
+            loss = loss + weight * self.pixel_loss(aux, labels)
+        return loss
+
+    @paddle.no_grad()
+    def evaluate(self, model, loader):
+        """mIoU / mAcc / aAcc (%) over the whole evaluation set, mmsegmentation's IoUMetric:
+        each image's logits by sliding windows of DATA.IMAGE_SIZE (MODEL.SEGMENTATION.
+        SLIDE_STRIDE), resized (bilinear) to the image's original size, argmax; intersections,
+        unions and areas summed over all images and processes, then divided. Classes absent
+        from both prediction and labels are left out of mIoU (NaN in mmseg), classes absent from
+        the labels out of mAcc. Returns also 'IoU': {class name: IoU % or None}."""
+        import segmentation
+        import seg_data
+        net = unwrap(model)
+        net.eval()
+        c = self.config
+        num_classes = c.MODEL.NUM_CLASSES
+
+        def predict(windows):
+            with utils.amp_context(c):
+                out = net(paddle.to_tensor(windows))
+            return out.astype('float32').numpy()
+
+        areas, n = np.zeros((4, num_classes)), 0
+        for images, labels, ids in loader:
+            for img, label, i in zip(images, labels, np.asarray(ids).reshape(-1)):
+                if int(i) < 0:  # an unreadable image replaced (ON_BAD_IMAGE skip)
+                    continue
+                label = np.asarray(label)
+                logits = segmentation.sliding_window(predict, np.asarray(img, np.float32),
+                                                     c.DATA.IMAGE_SIZE,
+                                                     c.MODEL.SEGMENTATION.SLIDE_STRIDE,
+                                                     num_classes, batch=c.DATA.BATCH_SIZE_EVAL)
+                logits = F.interpolate(paddle.to_tensor(logits[None]), size=list(label.shape),
+                                       mode='bilinear', align_corners=False)
+                pred = logits.argmax(axis=1)[0].numpy()
+                areas += segmentation_areas(pred, label, num_classes, c.DATA.IGNORE_INDEX)
+                n += 1
+        total = utils.all_reduce_sum(np.concatenate([areas.ravel(), [n]]))
+        areas, n = total[:-1].reshape(4, num_classes), int(round(total[-1]))
+        scores, iou, _ = segmentation_scores(areas)
+        names = seg_data.class_names(c)
+        scores['n'] = n
+        scores['IoU'] = {name: (None if np.isnan(v) else round(100.0 * float(v), 2))
+                         for name, v in zip(names, iou)}
+        return scores
+
+    def describe(self, metrics):
+        head = (f'mIoU {metrics["mIoU"]:.2f} mAcc {metrics["mAcc"]:.2f} aAcc '
+                f'{metrics["aAcc"]:.2f} on {metrics["n"]} images')
+        per_class = metrics.get('IoU') or {}
+        if not per_class:
+            return head
+        width = max(len(k) for k in per_class)
+        rows = [f'  {name:<{width}}  ' + ('   -  ' if v is None else f'{v:6.2f}')
+                for name, v in per_class.items()]
+        return '\n'.join([head, f'  {"class":<{width}}  IoU %'] + rows)
+
+
+def segmentation_areas(pred, label, num_classes, ignore_index):
+    """mmsegmentation's intersect_and_union for one image -> float64 (4, num_classes): areas
+    (pixels) of intersection, union, prediction and label per class, over the pixels whose label
+    is not ignore_index (labels are checked to be < num_classes when read)."""
+    keep = label != ignore_index
+    p, t = pred[keep].astype(np.int64), label[keep].astype(np.int64)
+    inter = np.bincount(p[p == t], minlength=num_classes)[:num_classes]
+    area_p = np.bincount(p, minlength=num_classes)[:num_classes]
+    area_t = np.bincount(t, minlength=num_classes)[:num_classes]
+    return np.stack([inter, area_p + area_t - inter, area_p, area_t]).astype(np.float64)
+
+
+def segmentation_scores(areas):
+    """Summed areas (segmentation_areas) -> ({'mIoU', 'mAcc', 'aAcc'} in %, IoU, Acc per
+    class with NaN where undefined), as mmsegmentation's IoUMetric.compute_metrics (its nanmean,
+    without its rounding to 2 decimals)."""
+    inter, union, _, area_t = areas
+    with np.errstate(divide='ignore', invalid='ignore'):
+        iou, acc = inter / union, inter / area_t
+        aacc = inter.sum() / area_t.sum()
+    mean = (lambda v: float(np.nanmean(v)) * 100.0 if np.isfinite(v).any() else float('nan'))
+    return {'mIoU': mean(iou), 'mAcc': mean(acc), 'aAcc': float(aacc) * 100.0}, iou, acc
+
+
+TASKS = {cls.mode: cls for cls in (Pretrain, Finetune, LinearProbe, Segmentation)}
 
 
 def get_task(config):

@@ -64,7 +64,7 @@ if [[ -n ${TARGET_BATCH:-} ]]; then
   echo "launch: $world process(es) x batch $batch x accum $accum = effective batch $eff" \
        "(recipe: $TARGET_BATCH)"
   (( eff != TARGET_BATCH )) && echo "launch: note: $eff is not the recipe's $TARGET_BATCH;" \
-       "the lr follows the effective batch (lr = blr x batch / 256)"
+       "the lr follows the effective batch (lr = TRAIN.BASE_LR x batch / TRAIN.LR_SCALE_DIVISOR)"
 fi
 multi=()
 if (( NNODES > 1 )); then

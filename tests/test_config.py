@@ -64,9 +64,34 @@ def test_linearprobe_recipe(size):
     assert c.DATA.BATCH_SIZE * t.ACCUM_ITER * 8 == 16384
 
 
+@pytest.mark.parametrize('size', ['base', 'large'])
+def test_segmentation_recipe(size):
+    """DESIGN.md 5, ADE20K: mmsegmentation's upernet_mae-base 512x512 160k config."""
+    c = load(f'vit_{size}_patch16_512_upernet_ade20k')
+    t, s = c.TRAIN, c.MODEL.SEGMENTATION
+    assert (t.MODE, t.LR_SCHEDULE, t.OPTIMIZER.NAME, list(t.OPTIMIZER.BETAS)) == \
+        ('segmentation', 'poly', 'AdamW', [0.9, 0.999])
+    assert t.NUM_EPOCHS * t.ITERS_PER_EPOCH == 160000
+    assert t.WARMUP_EPOCHS * t.ITERS_PER_EPOCH == 1500
+    assert t.BASE_LR * 16 / t.LR_SCALE_DIVISOR == 1e-4  # lr 1e-4 at batch 16
+    assert (t.WEIGHT_DECAY, t.MIN_LR, t.AMP) == (0.05, 0.0, 'float16')
+    assert c.DATA.BATCH_SIZE * 8 == 16 and c.DATA.IMAGE_SIZE == 512
+    assert (list(c.DATA.SEG_SCALE), list(c.DATA.SEG_RATIO_RANGE), c.DATA.SEG_CAT_MAX_RATIO) == \
+        ([2048, 512], [0.5, 2.0], 0.75)
+    assert (c.DATA.REDUCE_ZERO_LABEL, c.DATA.IGNORE_INDEX, c.MODEL.NUM_CLASSES) == (True, 255, 150)
+    assert c.MODEL.REL_POS_BIAS is True
+    assert (list(s.POOL_SCALES), s.AUX_CHANNELS, s.AUX_WEIGHT, s.DROPOUT, s.SLIDE_STRIDE) == \
+        ([1, 2, 3, 6], 256, 0.4, 0.1, 341)
+    if size == 'base':
+        assert (list(s.OUT_INDICES), s.CHANNELS, t.LAYER_DECAY, c.MODEL.DROP_PATH) == \
+            ([3, 5, 7, 11], 768, 0.65, 0.1)
+    else:
+        assert (list(s.OUT_INDICES), s.CHANNELS, c.MODEL.DROP_PATH) == ([7, 11, 15, 23], 1024, 0.2)
+
+
 def test_every_config_file_loads():
     names = sorted(f[:-5] for f in os.listdir(CFG) if f.endswith('.yaml'))
-    assert len(names) == 12
+    assert len(names) == 15
     for n in names:
         assert load(n).BASE == ['']
 

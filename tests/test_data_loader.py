@@ -68,6 +68,35 @@ def test_train_sampler_without_drop_last_covers_all(n, bs, replicas):
     assert len(set(lengths)) == 1
 
 
+@pytest.mark.parametrize('n,per_epoch', [(23, 8), (10, 24), (16, 16)])
+def test_iteration_budget_epochs_cut_a_stream_of_passes(n, per_epoch):
+    """TRAIN.ITERS_PER_EPOCH: epochs of per_epoch samples cut from the passes laid end to end
+    (pass p the one-pass order of epoch p), 1 process or 2 seeing the same global batches."""
+    bs = 4
+    one = datasets.TrainBatchSampler(Sized(n), bs, seed=3, samples_per_epoch=per_epoch)
+    two = [datasets.TrainBatchSampler(Sized(n), bs // 2, num_replicas=2, rank=r, seed=3,
+                                      samples_per_epoch=per_epoch) for r in range(2)]
+    stream, epochs = [], 5
+    for e in range(epochs):
+        one.set_epoch(e)
+        batches = list(one)
+        assert len(batches) == len(one) == per_epoch // bs
+        stream += [i for b in batches for i in b]
+        for s in two:
+            s.set_epoch(e)
+        halves = [list(s) for s in two]
+        assert len(halves[0]) == len(two[0]) == per_epoch // bs
+        assert [[i for pair in zip(a, b) for i in pair] for a, b in zip(*halves)] == batches
+    passes = []
+    for p in range(-(-len(stream) // n)):
+        plain = datasets.TrainBatchSampler(Sized(n), 1, seed=3)
+        plain.set_epoch(p)
+        passes += [b[0] for b in plain]
+    assert stream == passes[:len(stream)]  # every pass a permutation: each sample once a pass
+    one.set_epoch(3, start_batch=1)  # resuming inside an epoch
+    assert [i for b in one for i in b] == stream[3 * per_epoch + bs:4 * per_epoch]
+
+
 def test_train_sampler_order_depends_on_seed_and_epoch_only():
     def order(seed, epoch):
         s = datasets.TrainBatchSampler(Sized(50), 5, num_replicas=2, rank=1, seed=seed)
