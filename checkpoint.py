@@ -325,7 +325,8 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
     pos = prefix + 'pos_embed'
-    if isinstance(state, dict) and prefix and pos not in state and 'pos_embed' in state:
+    added = isinstance(state, dict) and prefix and pos not in state and 'pos_embed' in state
+    if added:
         state = {prefix + k: v for k, v in state.items()}
         log(f'pretrained: {path} holds a bare encoder: loading it under {prefix}')
     if not isinstance(state, dict) or pos not in state:
@@ -355,6 +356,8 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
         else:
             unused.append(k)
     missing = [k for k in own if k not in usable]
+    if added:  # the checkpoint's own names for what it has and the model does not use
+        unused = [k[len(prefix):] for k in unused]
     wrong = [k for k in misfit if not _fresh(k, reinit)]
     absent = [k for k in missing if k not in misfit and not _fresh(k, reinit)]
     if wrong or absent:

@@ -179,7 +179,10 @@ class Linear(nn.Linear):
 
 def attention_applies(attn_layer, x):
     """Whether transformer.Attention `attn_layer` trains through `attention` (CPU training, both
-    projections with a trained bias); elsewhere it runs scaled_dot_product_attention."""
+    projections with a trained bias, and no relative position bias: `attention` adds nothing to
+    the logits); elsewhere the layer computes attention itself."""
+    if getattr(attn_layer, 'relative_position_bias_table', None) is not None:
+        return False
     return _gemm_path(attn_layer.qkv, x) and _gemm_path(attn_layer.proj, x)
 
 

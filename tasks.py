@@ -91,6 +91,12 @@ class Task:
         """One line for the log from evaluate()'s dict."""
         return ' '.join(f'{k} {v:.4g}' for k, v in metrics.items())
 
+    def synthetic_batch(self, batch):
+        """A training batch of random data in this task's layout (tools/benchmark.py)."""
+        size = self.config.DATA.IMAGE_SIZE
+        return (paddle.randn([batch, 3, size, size]),
+                paddle.randint(0, self.config.MODEL.NUM_CLASSES, [batch]), paddle.arange(batch))
+
 
 class Pretrain(Task):
     """MAE pre-training: masked patches reconstructed; no labels, no evaluation."""
@@ -287,6 +293,12 @@ class Segmentation(Task):
         scores['IoU'] = {name: (None if np.isnan(v) else round(100.0 * float(v), 2))
                          for name, v in zip(names, iou)}
         return scores
+
+    def synthetic_batch(self, batch):
+        size = self.config.DATA.IMAGE_SIZE
+        return (paddle.randn([batch, 3, size, size]),
+                paddle.randint(0, self.config.MODEL.NUM_CLASSES, [batch, size, size]),
+                paddle.arange(batch))
 
     def describe(self, metrics):
         head = (f'mIoU {metrics["mIoU"]:.2f} mAcc {metrics["mAcc"]:.2f} aAcc '

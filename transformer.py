@@ -122,10 +122,38 @@ class PatchEmbed(nn.Layer):
         return x.flatten(2).transpose([0, 2, 1])
 
 
-class Attention(nn.Layer):
-    """Multi-head self-attention with one fused qkv projection (official/timm layout)."""
+def relative_position_index(grid):
+    """BEiT's relative position index for a (h, w) patch grid plus one cls token:
+    (h*w + 1, h*w + 1) int64, row = query token, column = key token (cls first).
 
-    def __init__(self, dim, num_heads=8, qkv_bias=True):
+    A patch pair (query at (y, x), key at (y', x')) reads entry
+    (y - y' + h - 1) * (2w - 1) + (x - x' + w - 1) of the table; the three extra entries after
+    the (2h-1)(2w-1) offsets are cls -> patch (whole first row), patch -> cls (first column) and
+    cls -> cls, as BEiT / mmsegmentation / HF's BeitRelativePositionBias, so their checkpoints'
+    tables mean the same here."""
+    h, w = grid
+    num_offsets = (2 * h - 1) * (2 * w - 1)
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    ys, xs = ys.reshape(-1), xs.reshape(-1)  # row-major: the patch tokens' order
+    dy = ys[:, None] - ys[None, :] + (h - 1)
+    dx = xs[:, None] - xs[None, :] + (w - 1)
+    index = np.empty((h * w + 1, h * w + 1), dtype=np.int64)
+    index[1:, 1:] = dy * (2 * w - 1) + dx
+    index[0, :] = num_offsets      # cls -> patch
+    index[:, 0] = num_offsets + 1  # patch -> cls
+    index[0, 0] = num_offsets + 2  # cls -> cls
+    return index
+
+
+class Attention(nn.Layer):
+    """Multi-head self-attention with one fused qkv projection (official/timm layout).
+
+    window_size (h, w) (or an int for a square grid): BEiT's relative position bias, a learned
+    `relative_position_bias_table` ((2h-1)(2w-1) + 3, heads), zero-initialised as BEiT's
+    fine-tuning (so a model built with it starts as the one without), added to the attention
+    logits. The layer then only takes h*w + 1 tokens (cls + the grid)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, window_size=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embed dim {dim} is not divisible by {num_heads} heads')
@@ -133,17 +161,57 @@ class Attention(nn.Layer):
         self.head_dim = dim // num_heads
         self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.proj = Linear(dim, dim)
+        self.relative_position_bias_table = None
+        self.window_size = None
+        if window_size is not None:
+            grid = ((window_size, window_size) if isinstance(window_size, numbers.Integral)
+                    else tuple(int(v) for v in window_size))
+            self.window_size = grid
+            index = relative_position_index(grid)
+            num_entries = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3  # offsets + 3 cls entries
+            self.relative_position_bias_table = self.create_parameter(
+                [num_entries, num_heads], default_initializer=zeros_)
+            # derived from the grid, so not saved (BEiT's checkpoints carry it; loaders skip it)
+            self.register_buffer('relative_position_index', paddle.to_tensor(index.reshape(-1)),
+                                 persistable=False)
+
+    def relative_position_bias(self):
+        """-> (heads, L+1, L+1): the table read at every (query, key) pair."""
+        n = self.window_size[0] * self.window_size[1] + 1
+        bias = paddle.gather(self.relative_position_bias_table, self.relative_position_index,
+                             axis=0)  # (n*n, heads)
+        return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
 
     def forward(self, x):
         if cpu_kernels.attention_applies(self, x):  # CPU training: the same, faster
             return cpu_kernels.attention(self, x)
         n, l, d = x.shape
+        if self.relative_position_bias_table is not None:
+            return self.proj(self._attention_with_bias(x))
         # scaled_dot_product_attention (flash attention on GPU) takes (N, L, H, Dh);
         # split, not unbind: the gradient of split is a fast concat
         shape = [n, l, self.num_heads, self.head_dim]
         q, k, v = [t.reshape(shape) for t in paddle.split(self.qkv(x), 3, axis=-1)]
         x = F.scaled_dot_product_attention(q, k, v, training=self.training)
         return self.proj(x.reshape([n, l, d]))
+
+    def _attention_with_bias(self, x):
+        """softmax(q k^T / sqrt(Dh) + bias) v, written out: scaled_dot_product_attention's
+        attn_mask differs between Paddle 2.6 and 3.x and its flash kernel takes no learned bias.
+        x (N, L, D) -> (N, L, D), before the output projection."""
+        n, l, d = x.shape
+        expected = self.window_size[0] * self.window_size[1] + 1
+        if l != expected:
+            raise ValueError(f'attention with a relative position table for a '
+                             f'{self.window_size[0]}x{self.window_size[1]} grid takes {expected} '
+                             f'tokens (cls + grid), got {l}')
+        qkv = self.qkv(x).reshape([n, l, 3, self.num_heads, self.head_dim])
+        q, k, v = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)  # (N, H, L, Dh) each
+        logits = paddle.matmul(q * (self.head_dim ** -0.5), k, transpose_y=True)
+        # (cast: under AMP the logits may be half precision while the table stays float32)
+        logits = logits + self.relative_position_bias().astype(logits.dtype).unsqueeze(0)
+        out = paddle.matmul(F.softmax(logits, axis=-1), v)  # (N, H, L, Dh)
+        return out.transpose([0, 2, 1, 3]).reshape([n, l, d])
 
 
 class Mlp(nn.Layer):
@@ -176,10 +244,12 @@ class DropPath(nn.Layer):
 class Block(nn.Layer):
     """Pre-norm transformer block: two residual lines."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 window_size=None):
         super().__init__()
         self.norm1 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                              window_size=window_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -446,29 +516,39 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
 
     global_pool=True: mean of the patch tokens (not cls) -> fc_norm -> head (no final `norm`).
     global_pool=False: norm(x)[:, 0] (cls token) -> head.
+    rel_pos_bias: every block gets BEiT's relative position bias table for the patch grid
+    (blocks.{i}.attn.relative_position_bias_table, zero-initialised), as the MAE ADE20K
+    segmentation recipe (DESIGN.md 5).
+    features_only: the encoder alone, a backbone for dense heads (segmentation.py), which read it
+    through forward_intermediates: no fc_norm, norm or head (their weights would be unused).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4., drop_path_rate=0., global_pool=True,
-                 recompute=False):
+                 recompute=False, rel_pos_bias=False, features_only=False):
         super().__init__()
         self.global_pool = global_pool
         self.recompute = recompute
         self.num_classes = num_classes
         self.embed_dim = embed_dim
+        self.features_only = features_only
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=zeros_)
         self.pos_embed = self.create_parameter([1, num_patches + 1, embed_dim],
                                                default_initializer=zeros_)
         dpr = np.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
+        grid = self.patch_embed.grid_size
+        window = (grid, grid) if rel_pos_bias else None
         self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i]) for i in range(depth)])
-        if global_pool:
-            self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
-        else:
-            self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
-        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i], window_size=window)
+            for i in range(depth)])
+        if not features_only:
+            if global_pool:
+                self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+            else:
+                self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+            self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -479,17 +559,30 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
         trunc_normal_(self.cls_token, 0.02)
         _init_patch_embed(self.patch_embed.proj)
         self.apply(lambda m: _init_linear_and_norm(m, lambda w: trunc_normal_(w, 0.02)))
+        # (relative position tables keep their zero init, as BEiT's)
+
+    def _no_head(self, what):
+        if self.features_only:
+            raise RuntimeError(f'{what}: this VisionTransformer was built with features_only=True '
+                               f'(a backbone without norm or head); read it through '
+                               f'forward_intermediates(imgs, indices)')
 
     def init_head(self, std):
         """Re-initialise the classifier head (official: std 2e-5 fine-tune, 0.01 linear probe)."""
+        self._no_head('init_head')
         linear = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
         trunc_normal_(linear.weight, std)
         zeros_(linear.bias)
 
     def no_weight_decay(self):
         """Parameter names exempt from weight decay beyond the 1-D ones: timm's, which official
-        fine-tuning (main_finetune.py) passes on as its skip list."""
-        return {'pos_embed', 'cls_token'}
+        fine-tuning (main_finetune.py) passes on as its skip list; plus the relative position
+        tables when present (BEiT exempts them too)."""
+        names = {'pos_embed', 'cls_token'}
+        for name, _ in self.named_parameters():
+            if name.endswith('.attn.relative_position_bias_table'):
+                names.add(name)
+        return names
 
     def embed_tokens(self, imgs):
         """imgs (N, C, H, W) -> tokens (N, 1 + L, D): cls token first, position embedded."""
@@ -515,12 +608,14 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
 
     def forward_features(self, imgs):
         """imgs (N, C, H, W) -> pooled features (N, D)."""
+        self._no_head('forward_features')
         x = run_blocks(self.blocks, self.embed_tokens(imgs), self.recompute)
         if self.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(axis=1))
         return self.norm(x)[:, 0]
 
     def forward_head(self, feats):
+        self._no_head('forward_head')
         return self.head(feats)
 
     def forward(self, imgs):
@@ -628,11 +723,12 @@ def model_shape(config):
     return shape
 
 
-def build_from_config(config):
+def build_from_config(config, features_only=False):
     """The model MODEL.NAME names, built from the config: the one place that maps config keys to
     constructor keywords. DATA.IMAGE_SIZE, the shape (MODEL.ENCODER, and MODEL.DECODER for
     mae_*), MODEL.RECOMPUTE, and MODEL.NORM_PIX_LOSS (mae_*) or MODEL.NUM_CLASSES / DROP_PATH /
-    GLOBAL_POOL (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
+    GLOBAL_POOL / REL_POS_BIAS (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
+    features_only (vit_* only): the encoder without norm / head, a backbone for segmentation.py.
 
     A named size (vit_base_patch16 ...) fixes its shape: shape keys that contradict it raise
     config.ConfigError naming both; *_custom names take the shape from the config.
@@ -640,12 +736,16 @@ def build_from_config(config):
     m = config.MODEL
     shape = model_shape(config)
     is_mae = m.NAME.startswith('mae_')
+    if is_mae and features_only:
+        raise ConfigError(f'MODEL.NAME {m.NAME!r} is a pre-training model; a backbone for dense '
+                          f'heads needs a vit_* name (e.g. vit_base_patch16)')
     kwargs = dict(shape, img_size=config.DATA.IMAGE_SIZE, recompute=m.RECOMPUTE)
     if is_mae:
         kwargs.update(norm_pix_loss=m.NORM_PIX_LOSS)
     else:
         kwargs.update(num_classes=m.NUM_CLASSES, drop_path_rate=m.DROP_PATH,
-                      global_pool=m.GLOBAL_POOL)
+                      global_pool=m.GLOBAL_POOL, rel_pos_bias=m.REL_POS_BIAS,
+                      features_only=features_only)
     return FACTORIES[m.NAME](**kwargs)
 
 

@@ -176,8 +176,14 @@ def test_memory_estimate_counts_the_real_model():
     assert o2_recompute['activations'] < fp32['activations'] / 4
     r = cli('memory_estimate.py', '--all')
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith('| vit_')]
-    assert len(rows) == 9 and 'n/a' in rows[2]  # LARS refuses O2
+    assert len(rows) == 11 and 'n/a' in rows[2]  # LARS refuses O2
     assert '| 632.0 |' in rows[7]  # ViT-H/14 with 1000 classes: 632.0 M parameters, as timm's
+    seg = cfgmod.get_config(os.path.join(ROOT, 'configs',
+                                         'vit_base_patch16_512_upernet_ade20k.yaml'))
+    heads = mem.dense_head_values(seg)  # UperNet at 128/64/32/16 px (fpn1 alone: 768 x 128^2)
+    assert 768 * 128 ** 2 < heads < 200 * 768 * 128 ** 2
+    assert mem.estimate(seg, '', 'O1', False)['activations'] * 2 ** 30 == pytest.approx(
+        4 * 2 * (12 * (17 * 1025 * 768 + 12 * 1025 ** 2) + heads))
 
 
 @pytest.mark.parametrize('args', [
@@ -185,6 +191,7 @@ def test_memory_estimate_counts_the_real_model():
     ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6',
      '--reference', 'torch'],
     ['-cfg', 'configs/tiny_pretrain.yaml', '--batch-size', '4', '--steps', '1'],
+    ['-cfg', 'configs/tiny_segmentation.yaml', '--batch-size', '2', '--steps', '1'],
     ['-cfg', 'configs/tiny_finetune.yaml', '--batch-size', '4', '--steps', '1',
      '--reference', 'torch'],
 ])

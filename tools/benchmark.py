@@ -11,7 +11,8 @@
     python tools/benchmark.py -cfg configs/vit_base_patch16_224_pretrain.yaml --batch-size 8 --steps 4
     times K full training steps (forward, backward, optimizer) of the configured model on
     synthetic input after 2 warm-up steps: the task's training loss (tasks.py: the MAE loss for
-    a pre-training config, the classifier's criterion otherwise), with the config's optimizer.
+    a pre-training config, the classifier's criterion, the segmentor's pixel cross-entropy on
+    random label maps), with the config's optimizer.
     Threads, MKL code path and malloc settings are set up as in the entry points
     (runtime.setup_process).
 
@@ -206,8 +207,7 @@ def bench_model(config, args):
     model.train()
     opt = optim.build_optimizer(model, config, 1)
     size = config.DATA.IMAGE_SIZE
-    data = (paddle.randn([batch, 3, size, size]),
-            paddle.randint(0, config.MODEL.NUM_CLASSES, [batch]), paddle.arange(batch))
+    data = task.synthetic_batch(batch)  # (label maps for segmentation)
 
     def step():
         loss = task.loss(model, data, 0)
@@ -227,6 +227,9 @@ def bench_torch_reference(config, args):
     batch = args.batch_size or config.DATA.BATCH_SIZE
     torch.manual_seed(config.SEED)
     e, d, size = config.MODEL.ENCODER, config.MODEL.DECODER, config.DATA.IMAGE_SIZE
+    if config.TRAIN.MODE == 'segmentation':
+        raise config_lib.ConfigError('--reference torch times classifiers and pre-training; '
+                                     'there is no PyTorch segmentor reference here')
     if config.TRAIN.MODE == 'pretrain':
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
         model = ViTMAEForPreTraining(ViTMAEConfig(
@@ -281,6 +284,10 @@ def main(argv=None):
         errors += (utils.UserError,)
     try:
         config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)
+        if args.data and config.TRAIN.MODE == 'segmentation':
+            raise config_lib.ConfigError('--data times the image transforms of classification '
+                                         'and pre-training configs, not the joint image + mask '
+                                         'pipeline of a segmentation config')
         if args.data:
             rate = bench_data(config, args)
         elif args.reference == 'torch':

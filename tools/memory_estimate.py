@@ -2,7 +2,7 @@
 the transformer blocks keep for the backward pass, at the config's per-process batch size.
 
     python tools/memory_estimate.py -cfg configs/vit_large_patch16_224_pretrain.yaml
-    python tools/memory_estimate.py --all        # the README table: 9 official configs
+    python tools/memory_estimate.py --all        # the README table: the 11 recipe configs
 
 The count, per process (GiB = 2**30 bytes):
   - model states: weights, gradients and optimizer state, from the model's real parameter
@@ -18,6 +18,11 @@ The count, per process (GiB = 2**30 bytes):
     MODEL.RECOMPUTE a block keeps only its input (L*D), plus one block's full set while it is
     recomputed. Linear probing trains the head only: nothing is kept, and the peak is one block's
     full set at a time.
+  - segmentation (UperNet): the encoder's blocks on all 1 + (S/p)^2 tokens as above, plus the
+    neck and heads, per sample, at the pyramid's sizes a0..a3 = (4g)^2, (2g)^2, g^2, (g/2)^2
+    pixels (g = S/p): every conv / BatchNorm / activation output they keep (3 values a pixel
+    and channel for a conv + BN + ReLU module), the resized and concatenated maps, and the
+    logits upsampled to S x S for the loss (with their softmax), decode and auxiliary head.
 Not counted: the CUDA context and library workspaces (~0.5-1 GiB), the allocator's
 fragmentation, input batches, the patch embedding / head / loss tensors (small against the
 blocks), and evaluation (forward only).
@@ -38,7 +43,8 @@ SETTINGS = (('fp32', '', 'O1', False), ('AMP O1', 'bfloat16', 'O1', False),  # l
             ('AMP O2 + recompute', 'bfloat16', 'O2', True))
 OFFICIAL = [f'vit_{size}_{stage}' for size in ('base_patch16_224', 'large_patch16_224',
                                                 'huge_patch14_224')
-            for stage in ('pretrain', 'finetune', 'linearprobe')]
+            for stage in ('pretrain', 'finetune', 'linearprobe')] + [
+    f'vit_{size}_patch16_512_upernet_ade20k' for size in ('base', 'large')]
 
 
 def parameter_counts(config):
@@ -64,6 +70,26 @@ def block_stacks(config):
     return [(enc.DEPTH, 1 + patches, enc.EMBED_DIM, enc.NUM_HEADS)]
 
 
+def dense_head_values(config):
+    """Activation values per sample kept by the segmentor's neck and heads (see the module
+    docstring); 0 for the other tasks."""
+    if config.TRAIN.MODE != 'segmentation':
+        return 0
+    m, size = config.MODEL, config.DATA.IMAGE_SIZE
+    seg, d, k = m.SEGMENTATION, m.ENCODER.EMBED_DIM, m.NUM_CLASSES
+    c, ca, g = seg.CHANNELS, seg.AUX_CHANNELS, size // m.ENCODER.PATCH_SIZE
+    a0, a1, a2, a3 = (4 * g) ** 2, (2 * g) ** 2, g ** 2, max(g // 2, 1) ** 2
+    neck = d * (3 * a1 + a0) + d * a1 + d * a3            # fpn1 (2 convT, BN, GELU), fpn2, fpn4
+    ppm = sum(3 * c * s * s for s in seg.POOL_SCALES) + len(seg.POOL_SCALES) * c * a3
+    bottleneck = (d + len(seg.POOL_SCALES) * c) * a3 + 3 * c * a3
+    laterals = 3 * c * (a0 + a1 + a2) + c * (a0 + a1 + a2)  # 1x1 modules, top-down resized sums
+    fpn = 3 * c * (a0 + a1 + a2) + c * (a1 + a2 + a3)       # 3x3 modules, levels resized to a0
+    fuse = 4 * c * a0 + 3 * c * a0 + 2 * c * a0 + k * a0    # concat, fpn_bottleneck, dropout, cls
+    aux = 3 * ca * a2 + 2 * ca * a2 + k * a2
+    logits = 2 * 2 * k * size * size                        # both heads: upsampled + softmax
+    return neck + ppm + bottleneck + laterals + fpn + fuse + aux + logits
+
+
 def estimate(config, amp, level, recompute, counts=None):
     """-> dict of GiB: states, activations, total (per process, at DATA.BATCH_SIZE)."""
     total, trained = counts or parameter_counts(config)
@@ -80,6 +106,7 @@ def estimate(config, amp, level, recompute, counts=None):
             per_sample = max(per_sample, full)
         else:
             per_sample += (depth * l * d + full) if recompute else depth * full
+    per_sample += dense_head_values(config)
     acts = per_sample * value_bytes * config.DATA.BATCH_SIZE
     return {'states': states / GIB, 'activations': acts / GIB, 'total': (states + acts) / GIB}
 
@@ -106,7 +133,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', help='config YAML file')
-    p.add_argument('--all', action='store_true', help='table (GiB) for the 9 official configs')
+    p.add_argument('--all', action='store_true', help='table (GiB) for the 11 recipe configs')
     p.add_argument('-opts', nargs='+', action='extend', default=[],
                    help='KEY VALUE pairs overriding the config')
     args = p.parse_args(argv)
