@@ -8,11 +8,10 @@
 # Knobs (environment): OUT (output/quickstart), DATA (data/demo), PRETRAIN_EPOCHS, PROBE_EPOCHS,
 # FINETUNE_EPOCHS, PRETRAIN_BATCH, PROBE_BATCH, FINETUNE_BATCH (default: the configs'),
 # TRAIN_PER_CLASS, VAL_PER_CLASS, PYTHON (skip the venv and use this Python).
+# The segmentation demo, beside this one: bash run_scripts/quickstart_segmentation.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# glibc's malloc thresholds (runtime.py): exported here so that the entry points need no restart
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
-export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
+# (quickstart_segmentation.sh runs this with STOP_AFTER=pretrain when it finds no pre-training)
+source "$(dirname "$0")/common.sh"
 OUT=${OUT:-output/quickstart}
 DATA=${DATA:-data/demo}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-15}
@@ -20,16 +19,6 @@ PROBE_EPOCHS=${PROBE_EPOCHS:-8}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-10}
 TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-240}
 VAL_PER_CLASS=${VAL_PER_CLASS:-40}
-start=$SECONDS
-step() { echo; echo "== [$(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s] $*"; }
-
-if [[ -z ${PYTHON:-} ]]; then
-  step "virtual environment .venv (Paddle CPU + requirements.txt)"
-  [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check paddlepaddle -r requirements.txt 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  PYTHON=.venv/bin/python
-fi
 
 step "demo data set -> $DATA"
 "$PYTHON" tools/make_demo_dataset.py --out "$DATA" --train-per-class "$TRAIN_PER_CLASS" \
@@ -46,6 +35,7 @@ done
 step "pre-training the tiny MAE for $PRETRAIN_EPOCHS epochs -> $OUT/pretrain"
 train pretrain tiny_pretrain "$OUT/pretrain" "${PRETRAIN_BATCH:-}" -opts TRAIN.NUM_EPOCHS "$PRETRAIN_EPOCHS"
 PRE=$OUT/pretrain/latest.pdparams
+[[ ${STOP_AFTER:-} == pretrain ]] && { step "pre-training done: $PRE"; exit 0; }
 step "linear probe of the pre-trained encoder ($PROBE_EPOCHS epochs) -> $OUT/linearprobe"
 train linearprobe tiny_linearprobe "$OUT/linearprobe" "${PROBE_BATCH:-}" -pretrained "$PRE" \
   -opts TRAIN.NUM_EPOCHS "$PROBE_EPOCHS"
