@@ -208,14 +208,14 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 if best['value'] is None or value > best['value']:
                     best = {'value': value, 'epoch': epoch}
                     copies.append('best')
-                # (numbers only: a per-class table stays in the log's text lines)
-                record.update({k: v for k, v in metrics.items()
-                               if k != 'n' and isinstance(v, (int, float))})
+                record.update({k: v for k, v in metrics.items() if k != 'n'})
                 logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
                             f'(best {task.best_metric} {best["value"]:.2f})')
             record['epoch_time_s'] = round(time.time() - start, 1)
             logger.epoch(record)
-            logger.scalars('epoch', epoch, **{k: v for k, v in record.items() if k != 'epoch'})
+            # VisualDL takes the numbers; a per-class table (segmentation) stays in log.txt
+            logger.scalars('epoch', epoch, **{k: v for k, v in record.items()
+                                              if k != 'epoch' and isinstance(v, (int, float))})
             if (epoch + 1) % config.SAVE_FREQ == 0 or last:
                 copies.append(f'epoch_{epoch}')
             save(epoch + 1, 0, copies)

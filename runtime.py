@@ -95,6 +95,9 @@ def _import_paddle_quietly():
     # PNGs in this process ("OSError: codec configuration error"; seen with Pillow 13).
     import numpy  # noqa: F401
     warnings.filterwarnings('ignore', message='No ccache found')
+    # BatchNorm layers (the segmentor's, the linear probe's) warn at every training forward
+    # that they track running statistics, which is what they are meant to do
+    warnings.filterwarnings('ignore', message='When training, we now always track global mean')
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         import paddle  # noqa: F401

@@ -34,7 +34,7 @@ the per-sample augmentation seeds -- is datasets.ImageDataset's.
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from augment import build_seg_transform
 from datasets import IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, _reason
@@ -344,3 +344,54 @@ def palette(n):
         nearest = np.minimum(nearest, ((grid - grid[pick]) ** 2).sum(axis=1))
         pick = int(np.argmax(nearest))
     return out
+
+
+# ------------------------------------------------------------------------ pictures and files
+
+def label_png(pred, config):
+    """Predicted classes (H, W) -> an 'L' PNG image in the dataset's convention: with
+    DATA.REDUCE_ZERO_LABEL, class c is written as c + 1 (0 stays 'unlabelled', as ADE20K's
+    annotations); else c as it is."""
+    values = np.asarray(pred, np.int64) + (1 if config.DATA.REDUCE_ZERO_LABEL else 0)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise ValueError(f'class values {values.min()}..{values.max()} do not fit an 8-bit PNG')
+    return Image.fromarray(values.astype(np.uint8), 'L')
+
+
+def overlay(image, pred, names, alpha=0.5, scale=1):
+    """The picture of a prediction: the RGB image with each pixel blended (alpha) with its
+    class colour (palette(len(names))), beside a legend of the classes present (colour, name,
+    share of the pixels), largest first. image: PIL RGB of the prediction's size; pred (H, W).
+    scale: pixel zoom for small images (nearest)."""
+    pred = np.asarray(pred, np.int64)
+    colours = palette(len(names))
+    rgb = np.asarray(image.convert('RGB'), np.float32)
+    if rgb.shape[:2] != pred.shape:
+        raise ValueError(f'image {rgb.shape[1]}x{rgb.shape[0]} and prediction '
+                         f'{pred.shape[1]}x{pred.shape[0]} differ in size')
+    blended = (1 - alpha) * rgb + alpha * colours[pred].astype(np.float32)
+    picture = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    counts = np.bincount(pred.ravel(), minlength=len(names))
+    present = [c for c in np.argsort(-counts, kind='stable') if counts[c]]
+    row, pad = 14, 4
+    legend_w = 150
+    height = max(picture.height, pad + row * len(present) + pad)
+    canvas = Image.new('RGB', (picture.width + legend_w, height), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        x, y = picture.width + pad, pad + k * row
+        draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(int(v) for v in colours[c]),
+                       outline=(0, 0, 0))
+        draw.text((x + 14, y), f'{names[c]} {100.0 * counts[c] / pred.size:.0f}%',
+                  fill=(0, 0, 0))
+    return canvas
+
+
+def class_shares(pred, names):
+    """{class name: share of the pixels} for the classes present, largest first."""
+    counts = np.bincount(np.asarray(pred, np.int64).ravel(), minlength=len(names))
+    order = [c for c in np.argsort(-counts, kind='stable') if counts[c]]
+    return {names[c]: round(float(counts[c]) / counts.sum(), 4) for c in order}

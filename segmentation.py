@@ -268,6 +268,30 @@ def sliding_window(predict, img, window, stride, num_classes, batch=8):
     return logits[:, :height, :width]
 
 
+def predict_label_map(predict, img, size, config):
+    """One image's predicted classes: sliding windows of DATA.IMAGE_SIZE (stride
+    MODEL.SEGMENTATION.SLIDE_STRIDE, DATA.BATCH_SIZE_EVAL windows at once) over the
+    preprocessed img (3, h, w), logits resized (bilinear) to size = (H, W), the image's
+    original size, argmax -> int64 (H, W). What evaluation scores and the tools draw."""
+    logits = sliding_window(predict, img, config.DATA.IMAGE_SIZE,
+                            config.MODEL.SEGMENTATION.SLIDE_STRIDE, config.MODEL.NUM_CLASSES,
+                            batch=config.DATA.BATCH_SIZE_EVAL)
+    logits = resize(paddle.to_tensor(logits[None]), size)
+    return logits.argmax(axis=1)[0].numpy().astype(np.int64)
+
+
+def model_predictor(model, config):
+    """predict for sliding_window from a segmentor in eval mode (under the config's AMP)."""
+    import utils
+
+    @paddle.no_grad()
+    def predict(windows):
+        with utils.amp_context(config):
+            out = model(paddle.to_tensor(windows))
+        return out.astype('float32').numpy()
+    return predict
+
+
 def build_segmentor(config):
     """The segmentor the config describes: a vit_* backbone (transformer.build_from_config, with
     features_only and MODEL.REL_POS_BIAS) and the heads of MODEL.SEGMENTATION, MODEL.NUM_CLASSES.

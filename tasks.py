@@ -223,7 +223,9 @@ class Segmentation(Task):
 
     def build_dataset(self, is_train):
         import seg_data
-        return seg_data.build_dataset(self.config, is_train)
+        dataset = seg_data.build_dataset(self.config, is_train)
+        dataset.classes = seg_data.class_names(self.config)  # (saved with the checkpoints)
+        return dataset
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
         """An encoder (MAE pre-training, fine-tuned, converted official) into `backbone.`, its
@@ -264,25 +266,15 @@ class Segmentation(Task):
         net.eval()
         c = self.config
         num_classes = c.MODEL.NUM_CLASSES
-
-        def predict(windows):
-            with utils.amp_context(c):
-                out = net(paddle.to_tensor(windows))
-            return out.astype('float32').numpy()
-
+        predict = segmentation.model_predictor(net, c)
         areas, n = np.zeros((4, num_classes)), 0
         for images, labels, ids in loader:
             for img, label, i in zip(images, labels, np.asarray(ids).reshape(-1)):
                 if int(i) < 0:  # an unreadable image replaced (ON_BAD_IMAGE skip)
                     continue
                 label = np.asarray(label)
-                logits = segmentation.sliding_window(predict, np.asarray(img, np.float32),
-                                                     c.DATA.IMAGE_SIZE,
-                                                     c.MODEL.SEGMENTATION.SLIDE_STRIDE,
-                                                     num_classes, batch=c.DATA.BATCH_SIZE_EVAL)
-                logits = F.interpolate(paddle.to_tensor(logits[None]), size=list(label.shape),
-                                       mode='bilinear', align_corners=False)
-                pred = logits.argmax(axis=1)[0].numpy()
+                pred = segmentation.predict_label_map(predict, np.asarray(img, np.float32),
+                                                      label.shape, c)
                 areas += segmentation_areas(pred, label, num_classes, c.DATA.IGNORE_INDEX)
                 n += 1
         total = utils.all_reduce_sum(np.concatenate([areas.ravel(), [n]]))

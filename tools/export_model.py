@@ -1,10 +1,13 @@
-"""Export a fine-tuned classifier to a Paddle Inference model (paddle.jit.save).
+"""Export a fine-tuned classifier or a segmentor to a Paddle Inference model (paddle.jit.save).
 
     python tools/export_model.py -cfg configs/vit_base_patch16_224_finetune.yaml \
         -pretrained mae_finetuned_vit_base.pdparams -output exported/vit_base
+    python tools/export_model.py -pretrained output/segmentation/best.pdparams -output exported/seg
 
 DIR gets inference.{pdmodel|json} + inference.pdiparams (the program format depends on the
-Paddle version) and config.yaml, from which tools/predict.py rebuilds the eval preprocessing.
+Paddle version), config.yaml, from which tools/predict.py rebuilds the eval preprocessing, and
+classes.txt when the class names are known. A segmentor is exported for one window of
+DATA.IMAGE_SIZE (its logits at the window's size); predict.py slides it over whole images.
 """
 import argparse
 import glob
@@ -22,19 +25,19 @@ import paddle  # noqa: E402
 import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import tasks  # noqa: E402
-import transformer  # noqa: E402
 import utils  # noqa: E402
 
 PREFIX = 'inference'
 
 
 def export(config, weights, output_dir, log=print):
-    """Build the classifier config describes, load weights (its head must fit), save it."""
+    """Build the model config describes, load weights (all of them must fit), save it."""
     task = tasks.get_task(config)
+    if not task.evaluates:
+        raise utils.UserError('export needs a classifier or segmentation config (a '
+                              '*_finetune.yaml, *_linearprobe.yaml or *_upernet_*.yaml), not a '
+                              'pre-training one')
     model = task.build_model()
-    if not isinstance(model, transformer.VisionTransformer):
-        raise utils.UserError('export needs a classifier config (a *_finetune.yaml or '
-                              '*_linearprobe.yaml), not a pre-training one')
     task.load_pretrained(model, weights, log, eval_only=True)
     model.eval()
     size = config.DATA.IMAGE_SIZE
@@ -43,7 +46,7 @@ def export(config, weights, output_dir, log=print):
     paddle.jit.save(model, os.path.join(output_dir, PREFIX), input_spec=spec)
     cfgmod.dump_config(config, os.path.join(output_dir, 'config.yaml'))
     classes = (checkpoint.saved_meta(weights) or {}).get('classes')
-    if classes:  # the class names of the training folders, for predict.py
+    if classes:  # the class names of the training data, for predict.py
         with open(os.path.join(output_dir, 'classes.txt'), 'w') as f:
             f.write('\n'.join(classes) + '\n')
     return model
@@ -65,7 +68,7 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', help='config of the model (optional for a checkpoint of this project: '
                    'it carries its own)')
-    p.add_argument('-pretrained', required=True, help='fine-tuned .pdparams')
+    p.add_argument('-pretrained', required=True, help='fine-tuned classifier or segmentor .pdparams')
     p.add_argument('-output', required=True, help='folder for the exported model')
     p.add_argument('-opts', nargs='+', action='extend', default=[])
     args = p.parse_args()

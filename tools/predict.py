@@ -1,10 +1,17 @@
-"""Classify images with an exported model (Paddle Inference), preprocessing as in evaluation.
+"""Predict with an exported model (Paddle Inference), preprocessing as in evaluation.
 
     python tools/predict.py --model exported/vit_base --image cat.jpg --image dog.png --topk 5
+    python tools/predict.py --model exported/seg --image room.jpg --out predictions/
 
-Prints one JSON line per image: {"image": path, "topk": [[class_index, probability], ...]},
-plus "classes": [name, ...] (the names of those classes, in the same order) when the model was
-trained on class folders (export_model.py writes their names to classes.txt).
+A classifier prints one JSON line per image: {"image": path, "topk": [[class_index,
+probability], ...]}, plus "classes": [name, ...] (the names of those classes, in the same order)
+when they are known (export_model.py writes them to classes.txt).
+
+A segmentor (--out DIR needed) slides its window over each whole image as evaluation does and
+writes DIR/<name>.png, the predicted label map in the dataset's convention (with
+DATA.REDUCE_ZERO_LABEL, class c as c + 1, 0 left for 'unlabelled', as ADE20K's annotations),
+and DIR/<name>_overlay.png, the classes' colours over the image with a legend; it prints
+{"image", "label_png", "overlay_png", "classes": {name: share of the pixels}} per image.
 """
 import argparse
 import json
@@ -58,12 +65,15 @@ class Predictor:
         out = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
         return out.copy_to_cpu()
 
-    def preprocess(self, path):
+    @staticmethod
+    def read(path):
         try:
-            image = datasets.load_rgb(path)
+            return datasets.load_rgb(path)
         except Exception as e:
             raise utils.UserError(f'cannot read image {path}: {e}') from None
-        return self.transform(image)
+
+    def preprocess(self, path):
+        return self.transform(self.read(path))
 
     def topk(self, paths, k=5):
         logits = self.logits(np.stack([self.preprocess(p) for p in paths]))
@@ -74,15 +84,67 @@ class Predictor:
         return [[[int(c), float(prob[i, c])] for c in order[i]] for i in range(len(paths))]
 
 
+class SegmentationPredictor(Predictor):
+    """An exported segmentor: one window of DATA.IMAGE_SIZE, slid over whole images."""
+
+    def __init__(self, model_dir, use_gpu=False):
+        super().__init__(model_dir, use_gpu)
+        self.transform = augment.build_seg_transform(False, self.config)
+        self.classes = self.classes or [f'class_{i}'
+                                        for i in range(self.config.MODEL.NUM_CLASSES)]
+
+    def label_map(self, path):
+        """-> (the RGB image, predicted classes (H, W) at its size)."""
+        import segmentation
+        image = self.read(path)
+        chw, _ = self.transform(image, np.zeros((image.height, image.width), np.int64))
+        pred = segmentation.predict_label_map(self.logits, chw, (image.height, image.width),
+                                              self.config)
+        return image, pred
+
+    def write(self, paths, out_dir):
+        import seg_data
+        for path in paths:
+            image, pred = self.label_map(path)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            files = {'label_png': os.path.join(out_dir, stem + '.png'),
+                     'overlay_png': os.path.join(out_dir, stem + '_overlay.png')}
+            pictures = {'label_png': seg_data.label_png(pred, self.config),
+                        'overlay_png': seg_data.overlay(image, pred, self.classes)}
+            for key, target in files.items():
+                tmp = target + '.tmp.png'
+                pictures[key].save(tmp)
+                os.replace(tmp, target)
+            yield dict({'image': path}, **files,
+                       classes=seg_data.class_shares(pred, self.classes))
+
+
+def load_predictor(model_dir, use_gpu=False):
+    """The predictor for an exported model folder: a segmentor's or a classifier's."""
+    model_files(model_dir)  # (a folder without a model: one clear error first)
+    saved = cfgmod.get_config(os.path.join(model_dir, 'config.yaml'))
+    cls = SegmentationPredictor if saved.TRAIN.MODE == 'segmentation' else Predictor
+    return cls(model_dir, use_gpu=use_gpu)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='folder written by tools/export_model.py')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
-    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--topk', type=int, default=5, help='classifier: classes printed')
+    p.add_argument('--out', help='segmentor: folder for the label PNGs and overlays')
     p.add_argument('--gpu', action='store_true')
     args = p.parse_args()
-    predictor = Predictor(args.model, use_gpu=args.gpu)
+    predictor = load_predictor(args.model, use_gpu=args.gpu)
+    if isinstance(predictor, SegmentationPredictor):
+        if not args.out:
+            raise utils.UserError(f'{args.model} is a segmentor: give --out DIR for its label '
+                                  f'PNGs and overlays')
+        os.makedirs(args.out, exist_ok=True)
+        for line in predictor.write(args.image, args.out):
+            print(json.dumps(line), flush=True)
+        return
     for path, top in zip(args.image, predictor.topk(args.image, args.topk)):
         line = {'image': path, 'topk': top}
         if predictor.classes:  # the names of the classes in topk, in its order

@@ -1,11 +1,18 @@
 """MAE reconstructions as one PNG: original | masked | reconstruction | reconstruction + visible,
-one row per image.
+one row per image; or, for a segmentor, its predictions drawn over the images.
 
     python tools/visualize.py -cfg configs/vit_large_patch16_224_pretrain.yaml \
         -pretrained mae_visualize_vit_large.pdparams -opts MODEL.NORM_PIX_LOSS False \
         --image photo.jpg --out reconstruction.png
 
-Needs a checkpoint WITH the decoder: a converted mae_visualize_vit_*.pth (trained with plain
+With a segmentation config (or a segmentor's checkpoint, which carries its config) it draws the
+predicted classes over each image instead, one row per image, with a legend of the classes
+present (the same picture tools/predict.py writes from an exported model):
+
+    python tools/visualize.py -pretrained output/segmentation/best.pdparams \
+        --image room.jpg --out segmentation.png
+
+Reconstructions need a checkpoint WITH the decoder: a converted mae_visualize_vit_*.pth (trained with plain
 pixel loss: pass MODEL.NORM_PIX_LOSS False) or a latest.pdparams of our pre-training. With a
 norm-pix model the prediction of each patch is un-normalised with that patch's own mean and
 variance in the original image (the model never predicts them), and the caption says so.
@@ -28,6 +35,7 @@ import augment  # noqa: E402
 import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
+import tasks  # noqa: E402
 import transformer  # noqa: E402
 import utils  # noqa: E402
 
@@ -127,12 +135,48 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
     return canvas
 
 
+def visualize_segmentation(config, weights, image_paths, out, scale=None):
+    """Each image's predicted classes (sliding windows, as evaluation) over it, with a legend;
+    one row per image, saved as out."""
+    import segmentation
+    import seg_data
+    task = tasks.get_task(config)
+    model = task.build_model()
+    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
+    model.eval()
+    predict = segmentation.model_predictor(model, config)
+    transform = augment.build_seg_transform(False, config)
+    names = (checkpoint.saved_meta(weights) or {}).get('classes') or seg_data.class_names(config)
+    rows = []
+    for path in image_paths:
+        try:
+            image = datasets.load_rgb(path)
+        except Exception as e:
+            raise utils.UserError(f'cannot read image {path}: {e}') from None
+        chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
+        pred = segmentation.predict_label_map(predict, chw, (image.height, image.width), config)
+        zoom = scale or max(1, 256 // max(image.size))
+        rows.append(seg_data.overlay(image, pred, names, scale=zoom))
+    pad = 4
+    canvas = Image.new('RGB', (max(r.width for r in rows) + 2 * pad,
+                               sum(r.height + pad for r in rows) + pad), (255, 255, 255))
+    y = pad
+    for r in rows:
+        canvas.paste(r, (pad, y))
+        y += r.height + pad
+    tmp = out + '.tmp.png'
+    canvas.save(tmp)
+    os.replace(tmp, out)
+    return canvas
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-cfg', help='pre-training config of the model (optional for a checkpoint of '
-                   'this project: it carries its own)')
-    p.add_argument('-pretrained', required=True, help='.pdparams with the decoder')
+    p.add_argument('-cfg', help='pre-training or segmentation config of the model (optional for '
+                   'a checkpoint of this project: it carries its own)')
+    p.add_argument('-pretrained', required=True,
+                   help='.pdparams with the decoder, or a segmentor')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
     p.add_argument('--out', required=True, help='output PNG')
     p.add_argument('--seed', type=int, default=0, help='seed of the random mask')
@@ -145,7 +189,11 @@ def main():
     config = checkpoint.config_for(args.cfg, args.pretrained,
                                    lambda c: cfgmod.merge_opts(c, args.opts))
     paddle.set_device('cpu')
-    canvas = visualize(config, args.pretrained, args.image, args.out, args.seed, args.scale)
+    if isinstance(tasks.get_task(config), tasks.Segmentation):
+        canvas = visualize_segmentation(config, args.pretrained, args.image, args.out,
+                                        args.scale)
+    else:
+        canvas = visualize(config, args.pretrained, args.image, args.out, args.seed, args.scale)
     print(f'wrote {args.out} ({canvas.size[0]}x{canvas.size[1]}, {len(args.image)} image(s))')
 
 

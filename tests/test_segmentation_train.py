@@ -1,0 +1,203 @@
+"""main_multi_gpu_segmentation.py end to end on CPU (tiny segmentor, generated demo set): it
+learns, -eval counts each image once with 1 or 2 processes, kill -9 + -resume auto ends where
+an uninterrupted run ends, bad annotations stop in one line, export + predict + visualize."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import config as cfgmod
+import tasks
+from conftest import ROOT
+from test_train import log_lines, max_diff, params, run
+
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import make_demo_dataset  # noqa: E402
+
+SCRIPT, CFG = 'main_multi_gpu_segmentation.py', 'tiny_segmentation.yaml'
+# a smaller encoder and heads than the config's, for speed; 4 blocks for the 4 taps
+SMALL = ['MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.NUM_HEADS', '3',
+         'MODEL.SEGMENTATION.CHANNELS', '32', 'MODEL.SEGMENTATION.AUX_CHANNELS', '16',
+         'DATA.NUM_WORKERS', '0']
+
+
+@pytest.fixture(scope='module')
+def segdata(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('demo_seg'))
+    make_demo_dataset.make_segmentation(out, train_count=64, val_count=12, log=lambda m: None)
+    return out
+
+
+def eval_json(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def trained(segdata, tmp_path_factory):
+    """A segmentor trained from scratch (6 epochs x 8 iterations of batch 8), and the same
+    model's weights before training."""
+    tmp = tmp_path_factory.mktemp('seg_run')
+    out = str(tmp / 'run')
+    opts = SMALL + ['TRAIN.NUM_EPOCHS', '6', 'TRAIN.ITERS_PER_EPOCH', '20',
+                    'TRAIN.WARMUP_EPOCHS', '0.5', 'TRAIN.BASE_LR', '6e-3', 'VALIDATE_FREQ', '3',
+                    'SAVE_FREQ', '3']
+    run(SCRIPT, CFG, '-data_path', segdata, '-output', out, '-batch_size', '8', opts=opts)
+    config = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs', CFG)), opts)
+    paddle.seed(0)
+    init = str(tmp / 'init.pdparams')
+    paddle.save(tasks.get_task(config).build_model().state_dict(), init)
+    return out, init, opts
+
+
+def test_segmentor_learns_and_eval_counts_each_image_once(segdata, trained):
+    out, init, opts = trained
+    lines = log_lines(out)
+    assert [x['epoch'] for x in lines] == list(range(6))
+    assert 'mIoU' in lines[2] and 'mIoU' not in lines[1]  # VALIDATE_FREQ 3
+    assert lines[-1]['train_loss'] < 0.7 * lines[0]['train_loss']
+    assert set(lines[-1]['IoU']) == {'background', 'circle', 'square', 'triangle', 'stripes'}
+    before = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', init, '-eval',
+                           opts=opts))
+    weights = os.path.join(out, 'latest.pdparams')
+    one = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', weights, '-eval',
+                        opts=opts))
+    two = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', weights, '-eval',
+                        '-output', os.path.join(out, 'eval2'), opts=opts, nproc=2))
+    print(f"mIoU untrained {before['mIoU']:.1f}, trained {one['mIoU']:.1f} (2 processes "
+          f"{two['mIoU']:.1f}); aAcc {before['aAcc']:.1f} -> {one['aAcc']:.1f}")
+    assert one['n'] == two['n'] == before['n'] == 12
+    for key in ('mIoU', 'mAcc', 'aAcc'):
+        assert one[key] == pytest.approx(two[key], abs=1e-9)
+        assert one[key] == pytest.approx(lines[-1][key], abs=1e-9)  # as the run's last epoch
+    assert one['IoU'] == two['IoU']
+    assert one['mIoU'] > before['mIoU'] + 15
+
+
+def test_segmentation_kill_and_resume_auto_is_exact(segdata, tmp_path):
+    opts = SMALL[:-2] + ['DATA.NUM_WORKERS', '2', 'TRAIN.NUM_EPOCHS', '3',
+                         'TRAIN.ITERS_PER_EPOCH', '6', 'TRAIN.WARMUP_EPOCHS', '1',
+                         'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1', 'VALIDATE_FREQ', '3',
+                         'DATA.SEG_PHOTOMETRIC', 'True']
+    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+    args = ('-data_path', segdata, '-batch_size', '8')
+    run(SCRIPT, CFG, *args, '-output', ref, opts=opts)
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPT), '-cfg', os.path.join(ROOT, 'configs', CFG),
+           *args, '-output', killed, '-opts', *opts, 'REPORT_FREQ', '100']
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:  # killed once it has saved mid-way through epoch 1 (after epoch_0)
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(killed, 'epoch_0.pdparams')) and \
+                    os.path.exists(os.path.join(killed, 'previous.pdopt')):
+                time.sleep(0.3)
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, 'the run ended before it could be killed'
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(log_lines(killed)) < 3
+    r = run(SCRIPT, CFG, *args, '-output', killed, '-resume', 'auto', opts=opts)
+    assert 'resumed from' in r.stdout
+    a, b = params(os.path.join(ref, 'latest.pdparams')), params(os.path.join(killed,
+                                                                           'latest.pdparams'))
+    assert any(k.endswith('bn._mean') for k in a)  # BatchNorm statistics are compared too
+    d = max_diff(a, b)
+    print(f'segmentation, resumed vs uninterrupted: max abs param diff {d:.2e}')
+    assert d < 1e-5
+    ref_lines, killed_lines = log_lines(ref), log_lines(killed)
+    assert [x['epoch'] for x in killed_lines] == [x['epoch'] for x in ref_lines] == [0, 1, 2]
+    assert killed_lines[-1]['mIoU'] == pytest.approx(ref_lines[-1]['mIoU'], abs=1e-6)
+
+
+def _break(root, what):
+    ann = os.path.join(root, 'annotations', 'validation')
+    first = sorted(os.listdir(ann))[0]
+    path = os.path.join(ann, first)
+    if what == 'missing':
+        os.remove(path)
+    elif what == 'colour':
+        Image.open(path).convert('RGB').save(path)
+    elif what == 'size':
+        Image.open(path).resize((7, 5)).save(path)
+    elif what == 'label':
+        a = np.asarray(Image.open(path)).copy()
+        a[0, 0] = 9  # class 8 after reduce-zero-label; the demo has 5
+        Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.mark.parametrize('what,message', [
+    ('missing', 'annotation not found'), ('colour', 'colour'), ('size', 'size'),
+    ('label', 'MODEL.NUM_CLASSES')])
+def test_bad_annotations_stop_in_one_line_naming_the_file(tmp_path, what, message):
+    root = str(tmp_path / 'data')
+    make_demo_dataset.make_segmentation(root, train_count=8, val_count=3, log=lambda m: None)
+    path = _break(root, what)
+    out = str(tmp_path / 'out')
+    r = run(SCRIPT, CFG, '-data_path', root, '-output', out, opts=SMALL + [
+        'TRAIN.NUM_EPOCHS', '1', 'TRAIN.ITERS_PER_EPOCH', '1', 'DATA.BATCH_SIZE', '2'],
+        check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr and len(lines) == 1, r.stderr
+    assert os.path.basename(path) in lines[0] and message in lines[0], lines[0]
+    assert not os.path.exists(os.path.join(out, 'latest.pdparams'))
+
+
+def test_export_predict_and_visualize_a_segmentor(segdata, trained, tmp_path):
+    out, _, opts = trained
+    weights = os.path.join(out, 'latest.pdparams')
+    exported = str(tmp_path / 'exported')
+    tools = os.path.join(ROOT, 'tools')
+    r = subprocess.run([sys.executable, os.path.join(tools, 'export_model.py'), '-pretrained',
+                        weights, '-output', exported], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(exported, 'classes.txt')) as f:
+        assert f.read().split() == ['background', 'circle', 'square', 'triangle', 'stripes']
+    val = os.path.join(segdata, 'images', 'validation')
+    images = [os.path.join(val, f) for f in sorted(os.listdir(val))[:2]]
+    pred_dir = str(tmp_path / 'pred')
+    r = subprocess.run([sys.executable, os.path.join(tools, 'predict.py'), '--model', exported,
+                        '--out', pred_dir] + [a for i in images for a in ('--image', i)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert [x['image'] for x in lines] == images
+    # the label PNG equals the checkpoint's own prediction (sliding windows, as -eval), in the
+    # dataset's convention (classes + 1: 0 stays 'unlabelled')
+    import augment
+    import datasets
+    import segmentation
+    config = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs', CFG)), opts)
+    task = tasks.get_task(config)
+    model = task.build_model()
+    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
+    model.eval()
+    predict = segmentation.model_predictor(model, config)
+    transform = augment.build_seg_transform(False, config)
+    for line, path in zip(lines, images):
+        image = datasets.load_rgb(path)
+        label = np.asarray(Image.open(line['label_png']))
+        assert label.shape == (image.height, image.width) and label.min() >= 1
+        chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
+        ours = segmentation.predict_label_map(predict, chw, label.shape, config)
+        assert (label == ours + 1).mean() > 0.999  # (Paddle Inference vs dygraph rounding)
+        overlay = Image.open(line['overlay_png'])
+        assert overlay.height >= image.height and overlay.width > image.width  # + legend
+        assert abs(sum(line['classes'].values()) - 1) < 1e-3
+    picture = str(tmp_path / 'seg.png')
+    r = subprocess.run([sys.executable, os.path.join(tools, 'visualize.py'), '-pretrained',
+                        weights, '--image', images[0], '--image', images[1], '--out', picture],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(picture).height > 2 * Image.open(images[0]).height
