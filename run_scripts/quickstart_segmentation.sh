@@ -2,8 +2,8 @@
 # Semantic segmentation in a few minutes, beside quickstart.sh: on a fresh clone this
 #   1. makes (or reuses) the virtual environment .venv (as quickstart.sh),
 #   2. pre-trains the tiny MAE as quickstart.sh does, unless $OUT/pretrain/latest.pdparams exists,
-#   3. generates the built-in segmentation demo set (ADE20K layout: shapes on textured
-#      backgrounds, 4 classes + background, data/demo_seg),
+#   3. generates the built-in segmentation demo set (ADE20K layout: shapes filled with 4 kinds
+#      of texture -- the classes -- on a shaded background, data/demo_seg),
 #   4. fine-tunes the tiny UperNet segmentor from the MAE pre-trained encoder and, for
 #      comparison, from a random initialisation, 5. draws the first's predictions over held-out
 #      images, and prints both mIoUs.

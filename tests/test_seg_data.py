@@ -662,7 +662,7 @@ def test_segmentation_demo_is_deterministic_and_loads(tmp_path, capsys):
     a, b = _files(tmp_path / 'a'), _files(tmp_path / 'b')
     assert a == b and len(a) == 2 * 16 + 2
     names = a['class_names.txt'].decode().split()
-    assert names == ['background', 'circle', 'square', 'triangle', 'stripes']
+    assert names == ['background', 'stripes', 'checker', 'dots', 'solid']
     seen = set()
     for rel in a:
         if rel.startswith('annotations'):

@@ -62,7 +62,7 @@ def test_segmentor_learns_and_eval_counts_each_image_once(segdata, trained):
     assert [x['epoch'] for x in lines] == list(range(6))
     assert 'mIoU' in lines[2] and 'mIoU' not in lines[1]  # VALIDATE_FREQ 3
     assert lines[-1]['train_loss'] < 0.7 * lines[0]['train_loss']
-    assert set(lines[-1]['IoU']) == {'background', 'circle', 'square', 'triangle', 'stripes'}
+    assert set(lines[-1]['IoU']) == {'background', 'stripes', 'checker', 'dots', 'solid'}
     before = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', init, '-eval',
                            opts=opts))
     weights = os.path.join(out, 'latest.pdparams')
@@ -163,7 +163,7 @@ def test_export_predict_and_visualize_a_segmentor(segdata, trained, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(exported, 'classes.txt')) as f:
-        assert f.read().split() == ['background', 'circle', 'square', 'triangle', 'stripes']
+        assert f.read().split() == ['background', 'stripes', 'checker', 'dots', 'solid']
     val = os.path.join(segdata, 'images', 'validation')
     images = [os.path.join(val, f) for f in sorted(os.listdir(val))[:2]]
     pred_dir = str(tmp_path / 'pred')

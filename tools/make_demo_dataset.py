@@ -147,8 +147,13 @@ def make(out, train_per_class=300, val_per_class=60, size=40, seed=0, log=print)
 # background, 2.. = the shapes. With DATA.REDUCE_ZERO_LABEL (0 -> ignored, v -> v - 1) the
 # classes are SEG_CLASSES in this order, the lines of class_names.txt.
 
-SEG_CLASSES = ('background', 'circle', 'square', 'triangle', 'stripes')
-SEG_SHAPES = SEG_CLASSES[1:]
+# The classes are textures, each filling shapes of any form (circle, square, triangle,
+# rectangle) in random colours: telling them apart takes a few pixels around each pixel, which
+# a tiny encoder on 4-pixel patches learns in minutes, and the quickstart's pre-training images
+# hold the same kinds of texture.
+SEG_CLASSES = ('background', 'stripes', 'checker', 'dots', 'solid')
+SEG_TEXTURES = SEG_CLASSES[1:]
+SEG_FORMS = ('circle', 'square', 'triangle', 'rectangle')
 SEG_SIZES = ((64, 48), (80, 64), (96, 72), (48, 64), (72, 96), (64, 64))  # (width, height)
 SEG_JPEG_QUALITY = 90
 
@@ -165,38 +170,49 @@ def _texture(rng, width, height, colour):
     return Image.fromarray(img.astype(np.uint8))
 
 
-def _shape_mask(kind, rng, width, height):
-    """'L' mask (255 inside) of one shape of the given kind at a random place and size."""
+def _shape_mask(form, rng, width, height):
+    """'L' mask (255 inside) of one shape of the given form at a random place and size."""
     mask = Image.new('L', (width, height), 0)
     d = ImageDraw.Draw(mask)
-    r = rng.uniform(0.14, 0.30) * min(width, height)
+    r = rng.uniform(0.18, 0.34) * min(width, height)
     cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
     angle = rng.uniform(0, 2 * math.pi)
-    if kind == 'circle':
+    if form == 'circle':
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    elif kind == 'square':
+    elif form == 'square':
         pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
         d.polygon(_rotate_points(pts, (cx, cy), angle), fill=255)
-    elif kind == 'triangle':
+    elif form == 'triangle':
         d.polygon([(cx + 1.2 * r * math.cos(angle + k * 2 * math.pi / 3),
                     cy + 1.2 * r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)],
                   fill=255)
-    elif kind == 'stripes':  # an axis-aligned patch, striped inside (drawn by _stripes)
-        w, h = r * rng.uniform(1.4, 2.2), r * rng.uniform(1.4, 2.2)
+    elif form == 'rectangle':
+        w, h = r * rng.uniform(1.4, 2.4), r * rng.uniform(1.4, 2.4)
         d.rectangle([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], fill=255)
     else:
-        raise ValueError(kind)
+        raise ValueError(form)
     return mask
 
 
-def _stripes(rng, width, height, colour_a, colour_b):
-    """A full-size picture of stripes of two colours at a random angle and period."""
-    period = rng.uniform(4, 7)
-    angle = rng.uniform(0, math.pi)
+def _fill(kind, rng, width, height, colour_a, colour_b):
+    """A full-size picture of one texture class in two colours (solid: the first only)."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    phase = (x * math.cos(angle) + y * math.sin(angle)) / period
-    band = (np.floor(phase) % 2).astype(bool)[..., None]
-    img = np.where(band, np.array(colour_a, np.uint8), np.array(colour_b, np.uint8))
+    if kind == 'stripes':  # bands at a random angle and period
+        period, angle = rng.uniform(4, 7), rng.uniform(0, math.pi)
+        on = (np.floor((x * math.cos(angle) + y * math.sin(angle)) / period) % 2).astype(bool)
+    elif kind == 'checker':  # axis-aligned cells of 3-5 px
+        cell = rng.uniform(3, 5)
+        ox, oy = rng.uniform(0, cell, 2)
+        on = ((np.floor((x + ox) / cell) + np.floor((y + oy) / cell)) % 2).astype(bool)
+    elif kind == 'dots':  # a jittered grid of round dots every 5-7 px
+        step = rng.uniform(5, 7)
+        gx, gy = (x + rng.uniform(0, step)) % step, (y + rng.uniform(0, step)) % step
+        on = (gx - step / 2) ** 2 + (gy - step / 2) ** 2 <= (step * rng.uniform(0.25, 0.35)) ** 2
+    elif kind == 'solid':
+        on = np.ones((height, width), bool)
+    else:
+        raise ValueError(kind)
+    img = np.where(on[..., None], np.array(colour_a, np.uint8), np.array(colour_b, np.uint8))
     return Image.fromarray(img.astype(np.uint8))
 
 
@@ -209,19 +225,17 @@ def _far_colour(rng, away_from):
 
 
 def draw_segmentation(rng, width, height):
-    """One (RGB picture, 'L' annotation) pair: 2-4 shapes, later ones over earlier ones."""
+    """One (RGB picture, 'L' annotation) pair: 2-4 textured shapes, later ones over earlier
+    ones."""
     background = tuple(int(v) for v in rng.integers(0, 256, 3))
     img = _texture(rng, width, height, background)
     labels = np.ones((height, width), np.uint8)  # 1 = background
     for _ in range(int(rng.integers(2, 5))):
-        k = int(rng.integers(len(SEG_SHAPES)))
-        kind = SEG_SHAPES[k]
-        mask = _shape_mask(kind, rng, width, height)
+        k = int(rng.integers(len(SEG_TEXTURES)))
+        form = SEG_FORMS[int(rng.integers(len(SEG_FORMS)))]
+        mask = _shape_mask(form, rng, width, height)
         colour = _far_colour(rng, [background])
-        if kind == 'stripes':
-            layer = _stripes(rng, width, height, colour, _far_colour(rng, [colour]))
-        else:
-            layer = Image.new('RGB', (width, height), colour)
+        layer = _fill(SEG_TEXTURES[k], rng, width, height, colour, _far_colour(rng, [colour]))
         img = Image.composite(layer, img, mask)
         labels[np.asarray(mask) > 127] = 2 + k
     # unlabelled band: every pixel with a 4-neighbour of another label (both sides of a border)
@@ -266,7 +280,7 @@ def make_segmentation(out, train_count=400, val_count=100, seed=0, log=print):
     log(f'segmentation demo set written to {out}: {train_count} training + {val_count} '
         f'validation images ({", ".join(f"{w}x{h}" for w, h in SEG_SIZES)} px), '
         f'images/{{training,validation}}/*.jpg with annotations/{{training,validation}}/*.png '
-        f'(0 = unlabelled border band, 1 = {SEG_CLASSES[0]}, 2.. = shapes), class_names.txt: '
+        f'(0 = unlabelled border band, 1 = {SEG_CLASSES[0]}, 2.. = textures), class_names.txt: '
         f'{", ".join(SEG_CLASSES)}')
     _print_usage(out, log)
     return total
