@@ -13,8 +13,8 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 OUT=${OUT:-output/quickstart}
 SEG_DATA=${SEG_DATA:-data/demo_seg}
-SEG_EPOCHS=${SEG_EPOCHS:-8}
-SEG_TRAIN=${SEG_TRAIN:-400}
+SEG_EPOCHS=${SEG_EPOCHS:-12}
+SEG_TRAIN=${SEG_TRAIN:-100}  # few labelled images: where pre-training pays
 SEG_VAL=${SEG_VAL:-100}
 PRE=$OUT/pretrain/latest.pdparams
 
