@@ -92,7 +92,7 @@ def test_mae_pretraining_loads_into_the_backbone(tmp_path):
     pre = tasks.get_task(tiny('pretrain')).build_model()
     path = str(tmp_path / 'pre.pdparams')
     paddle.save(pre.state_dict(), path)
-    task = tasks.get_task(tiny('segmentation'))
+    task = tasks.get_task(tiny('segmentation', 'DATA.IMAGE_SIZE', '64'))  # 16x16 patches
     model = task.build_model()
     logs = []
     missing, unused = task.load_pretrained(model, path, log=logs.append)

@@ -34,18 +34,23 @@ def segdata(tmp_path_factory):
     return out
 
 
-def eval_json(r):
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def eval_json(r, output=None):
+    """The -eval result: the last JSON line of stdout or, launched with 2 processes (output
+    given), of rank 0's log (Paddle 2.6's launcher logs a shutdown line after it)."""
+    text = r.stdout
+    if output is not None:
+        with open(os.path.join(output, 'launch_logs', 'workerlog.0')) as f:
+            text = f.read()
+    return json.loads([x for x in text.splitlines() if x.startswith('{')][-1])
 
 
 @pytest.fixture(scope='module')
 def trained(segdata, tmp_path_factory):
-    """A segmentor trained from a random initialisation (6 epochs x 25 iterations of batch 16),
-    and the same model's weights before training."""
+    """The config's segmentor trained from a random initialisation (8 epochs x 25 iterations
+    of batch 16), and the same model's weights before training."""
     tmp = tmp_path_factory.mktemp('seg_run')
     out = str(tmp / 'run')
-    opts = SMALL + ['TRAIN.NUM_EPOCHS', '6', 'TRAIN.ITERS_PER_EPOCH', '25',
-                    'TRAIN.BASE_LR', '2e-3', 'VALIDATE_FREQ', '3', 'SAVE_FREQ', '3']
+    opts = ['TRAIN.NUM_EPOCHS', '8', 'VALIDATE_FREQ', '4', 'SAVE_FREQ', '4']
     run(SCRIPT, CFG, '-data_path', segdata, '-output', out, opts=opts)
     config = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs', CFG)), opts)
     paddle.seed(0)
@@ -57,17 +62,18 @@ def trained(segdata, tmp_path_factory):
 def test_segmentor_learns_and_eval_counts_each_image_once(segdata, trained):
     out, init, opts = trained
     lines = log_lines(out)
-    assert [x['epoch'] for x in lines] == list(range(6))
-    assert 'mIoU' in lines[2] and 'mIoU' not in lines[1]  # VALIDATE_FREQ 3
-    assert lines[-1]['train_loss'] < 0.7 * lines[0]['train_loss']
+    assert [x['epoch'] for x in lines] == list(range(8))
+    assert 'mIoU' in lines[3] and 'mIoU' not in lines[2]  # VALIDATE_FREQ 4
+    assert lines[-1]['train_loss'] < 0.8 * lines[0]['train_loss']
     assert set(lines[-1]['IoU']) == {'background', 'stripes', 'checker', 'dots', 'solid'}
     before = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', init, '-eval',
                            opts=opts))
     weights = os.path.join(out, 'latest.pdparams')
     one = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', weights, '-eval',
                         opts=opts))
+    eval2 = os.path.join(out, 'eval2')
     two = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', weights, '-eval',
-                        '-output', os.path.join(out, 'eval2'), opts=opts, nproc=2))
+                        '-output', eval2, opts=opts, nproc=2), eval2)
     print(f"mIoU untrained {before['mIoU']:.1f}, trained {one['mIoU']:.1f} (2 processes "
           f"{two['mIoU']:.1f}); aAcc {before['aAcc']:.1f} -> {one['aAcc']:.1f}")
     assert one['n'] == two['n'] == before['n'] == 12
@@ -75,7 +81,7 @@ def test_segmentor_learns_and_eval_counts_each_image_once(segdata, trained):
         assert one[key] == pytest.approx(two[key], abs=1e-9)
         assert one[key] == pytest.approx(lines[-1][key], abs=1e-9)  # as the run's last epoch
     assert one['IoU'] == two['IoU']
-    assert one['mIoU'] > before['mIoU'] + 15
+    assert one['mIoU'] > max(before['mIoU'] + 12, 2 * before['mIoU'])  # 11.6 -> 29.7 measured
 
 
 def test_segmentation_kill_and_resume_auto_is_exact(segdata, tmp_path):
