@@ -385,7 +385,8 @@ def overlay(image, pred, names, alpha=0.5, scale=1):
         x, y = picture.width + pad, pad + k * row
         draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(int(v) for v in colours[c]),
                        outline=(0, 0, 0))
-        draw.text((x + 14, y), f'{names[c]} {100.0 * counts[c] / pred.size:.0f}%',
+        share = 100.0 * counts[c] / pred.size
+        draw.text((x + 14, y), f'{names[c]} ' + (f'{share:.0f}%' if share >= 0.5 else '<1%'),
                   fill=(0, 0, 0))
     return canvas
 
