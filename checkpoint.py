@@ -424,9 +424,9 @@ def _summarise(keys):
         parts = k.split('.')
         numbered = [i for i, p in enumerate(parts) if p.isdigit()]
         if numbered and numbered[0] + 1 < len(parts):
-            i = numbered[0]
-            tail = '.'.join(parts[i + 1:])
-            g = '.'.join(parts[:i]) + ('.*' if tail.count('.') > 1 or not tail else '.*.' + tail)
+            i = numbered[0]  # weights of numbered layers go together; a named tensor stays named
+            plain = parts[-1] in ('weight', 'bias', '_mean', '_variance')
+            g = '.'.join(parts[:i]) + ('.*' if plain else '.*.' + '.'.join(parts[i + 1:]))
         else:
             g = k
         groups[g] = groups.get(g, 0) + 1

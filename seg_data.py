@@ -241,6 +241,10 @@ def read_pair_list(list_file, root):
             if len(parts) != 2:
                 raise DataError(f"{where}: expected 'image_path annotation_path' (two paths "
                                 f"relative to DATA.DATA_PATH, no spaces in them), got {line!r}")
+            if parts[1].lstrip('-').isdigit():  # 'image label': a classification list
+                raise DataError(f"{where}: {line!r} is an image and a class label (a "
+                                f"classification list); segmentation lists hold "
+                                f"'image_path annotation_path'")
             images.append(os.path.join(root, parts[0]))
             annotations.append(os.path.join(root, parts[1]))
             line_numbers.append(lineno)

@@ -686,3 +686,11 @@ def test_segmentation_demo_is_deterministic_and_loads(tmp_path, capsys):
                '4', '--seed', '4'])
     assert _files(other)['class_names.txt'] == a['class_names.txt']
     assert _files(other) != a  # the seed matters
+
+
+def test_a_classification_list_is_named_as_such(tmp_path):
+    """`path label` lines (a classification list) given to segmentation: one line that says so."""
+    (tmp_path / 'train_list.txt').write_text('images/a.jpg 3\n')
+    with pytest.raises(DataError, match=r"train_list\.txt line 1: 'images/a\.jpg 3' is an image "
+                                        r"and a class label \(a classification list\)"):
+        seg_data.read_pair_list(str(tmp_path / 'train_list.txt'), str(tmp_path))
