@@ -86,10 +86,10 @@ _C.TRAIN.AMP = ''                     # '' (fp32) | 'float16' | 'bfloat16' (GPU 
 _C.TRAIN.AMP_LEVEL = 'O1'             # 'O1': autocast (fp32 weights) | 'O2': half weights + fp32
                                       # master weights in AdamW
 _C.TRAIN.OPTIMIZER = CN()
-_C.TRAIN.OPTIMIZER.NAME = 'AdamW'     # 'AdamW' | 'LARS'
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'     # 'AdamW' | 'LARS' | 'SGD' (momentum; MoCo v3's probe)
 _C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.95]
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
-_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9     # LARS
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9     # LARS, SGD
 _C.TRAIN.SMOOTHING = 0.0              # label smoothing
 _C.TRAIN.MIXUP_ALPHA = 0.0            # 0 = off
 _C.TRAIN.CUTMIX_ALPHA = 0.0           # 0 = off
@@ -115,7 +115,7 @@ CHOICES = {
     'TRAIN.AMP': ('', 'float16', 'bfloat16'),
     'TRAIN.LR_SCHEDULE': ('cosine', 'poly'),
     'TRAIN.AMP_LEVEL': ('O1', 'O2'),
-    'TRAIN.OPTIMIZER.NAME': ('AdamW', 'LARS'),
+    'TRAIN.OPTIMIZER.NAME': ('AdamW', 'LARS', 'SGD'),
     'TRAIN.RANDOM_ERASE_MODE': ('pixel', 'rand', 'const'),
 }
 

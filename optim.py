@@ -92,7 +92,8 @@ def param_rules(model, config):
 
 
 def build_optimizer(model, config, world_size):
-    """AdamW (with lr-scale / weight-decay groups) or LARS, lr set per iteration by the engine."""
+    """AdamW or momentum SGD (with lr-scale / weight-decay groups) or LARS, lr set per
+    iteration by the engine."""
     t = config.TRAIN
     rules = param_rules(model, config)
     params = dict(model.named_parameters())
@@ -111,6 +112,12 @@ def build_optimizer(model, config, world_size):
         groups.setdefault((scale, decay), []).append(params[name])
     param_groups = [{'params': ps, 'learning_rate': scale, 'weight_decay': decay}
                     for (scale, decay), ps in groups.items()]
+    if t.OPTIMIZER.NAME == 'SGD':
+        # MoCo v3's linear probe: momentum SGD with weight decay added to the gradient (a float
+        # weight_decay is Paddle's L2Decay), the update of torch.optim.SGD (dampening 0)
+        return paddle.optimizer.Momentum(
+            learning_rate=base, momentum=t.OPTIMIZER.MOMENTUM, parameters=param_groups,
+            weight_decay=t.WEIGHT_DECAY, grad_clip=grad_clip, multi_precision=bool(t.AMP))
     beta1, beta2 = t.OPTIMIZER.BETAS
     return paddle.optimizer.AdamW(
         learning_rate=base, beta1=beta1, beta2=beta2, epsilon=t.OPTIMIZER.EPS,

@@ -110,8 +110,12 @@ def test_poly_schedule_equals_torch_linear_warmup_times_polynomial():
     assert optim.lr_at(20.0, c, lr) == 0.0
 
 
-def test_adamw_step_equals_torch_with_official_groups():
+@pytest.mark.parametrize('name', ['AdamW', 'SGD'])
+def test_steps_equal_torch_with_official_groups(name):
+    """AdamW (official betas / eps) and momentum SGD (MoCo v3's probe optimizer): two steps with
+    the per-parameter lr scales and weight decays of param_rules equal torch's optimizers."""
     c = cfg('tiny_finetune')
+    c.TRAIN.OPTIMIZER.NAME = name
     paddle.seed(0)
     model = transformer.build_model(c)
     rules = optim.param_rules(model, c)
@@ -128,12 +132,15 @@ def test_adamw_step_equals_torch_with_official_groups():
                 p._set_grad_ivar(paddle.to_tensor(grads[n] * (step + 1)))
         opt.step()
         opt.clear_grad()
-    # torch reference: AdamW with per-group lr = lr * lr_scale, official betas / eps
+    # torch reference: per-group lr = lr * lr_scale and the group's weight decay
     tparams = {n: torch.tensor(v, requires_grad=True) for n, v in start.items()}
     groups = [{'params': [tparams[n]], 'lr': lr * s, 'weight_decay': wd}
               for n, (s, wd) in rules.items()]
-    topt = torch.optim.AdamW(groups, lr=lr, betas=tuple(c.TRAIN.OPTIMIZER.BETAS),
-                             eps=c.TRAIN.OPTIMIZER.EPS)
+    if name == 'AdamW':
+        topt = torch.optim.AdamW(groups, lr=lr, betas=tuple(c.TRAIN.OPTIMIZER.BETAS),
+                                 eps=c.TRAIN.OPTIMIZER.EPS)
+    else:
+        topt = torch.optim.SGD(groups, lr=lr, momentum=c.TRAIN.OPTIMIZER.MOMENTUM)
     for step in range(2):
         for n, t in tparams.items():
             t.grad = torch.from_numpy(grads[n] * (step + 1))
@@ -141,7 +148,7 @@ def test_adamw_step_equals_torch_with_official_groups():
     params = dict(model.named_parameters())
     worst = max(float(np.abs(params[n].numpy() - tparams[n].detach().numpy()).max())
                 for n in tparams)
-    print(f'AdamW 2 steps vs torch: max abs diff {worst:.2e}')
+    print(f'{name} 2 steps vs torch: max abs diff {worst:.2e}')
     assert worst < 1e-5
     moved = max(float(np.abs(params[n].numpy() - start[n]).max()) for n in start)
     assert moved > 1e-3
