@@ -44,11 +44,13 @@ OFFICIAL_MD5 = {
     'mae_finetuned_vit_huge.pth': '2541f2',
 }
 
-# torch key suffix -> Paddle key suffix; None = not carried over. Every other key is kept as is.
+# torch key suffix <-> Paddle key suffix; None = not carried over. Every other key is kept as is.
+# export_official.py reads the table backwards (torch_key) and writes the step counter back.
+STEP_COUNTER = '.num_batches_tracked'  # torch BatchNorm's; Paddle's BatchNorm keeps none
 KEY_TABLE = (
     ('.running_mean', '._mean'),
     ('.running_var', '._variance'),
-    ('.num_batches_tracked', None),  # Paddle's BatchNorm keeps no step counter
+    (STEP_COUNTER, None),
 )
 
 # num_heads is not stored in a checkpoint (no shape depends on it): the official sizes.
@@ -467,6 +469,20 @@ def convert_key(key):
     return key
 
 
+def torch_key(key):
+    """Paddle key -> torch key: KEY_TABLE read backwards (the inverse of convert_key)."""
+    for src, dst in KEY_TABLE:
+        if dst is not None and key.endswith(dst):
+            return key[:-len(dst)] + src
+    return key
+
+
+def is_linear_weight(key, value):
+    """The one layout rule, both ways: every 2-D `.weight` is a Linear weight, torch [out, in],
+    Paddle [in, out] (conv kernels, LayerNorm, tokens and biases are laid out alike)."""
+    return key.endswith('.weight') and np.ndim(value) == 2
+
+
 def _listing(keys, limit=12):
     keys = sorted(keys)
     more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
@@ -497,7 +513,7 @@ def convert_state_dict(sd):
             dropped.append(key)
             continue
         value = np.asarray(value)
-        if key.endswith('.weight') and value.ndim == 2:  # Linear: [out, in] -> [in, out]
+        if is_linear_weight(key, value):  # Linear: [out, in] -> [in, out]
             value = value.T
             transposed += 1
         if np.issubdtype(value.dtype, np.floating):
