@@ -268,46 +268,52 @@ class ImageListDataset(ImageDataset):
 
     @staticmethod
     def _read(list_file, root, require_labels, num_classes):
-        if not os.path.isfile(list_file):
-            raise DataError(f'image list not found: {list_file}')
         paths, labels, line_numbers = [], [], []
-        with open(list_file, 'rb') as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f'{list_file} line {lineno}'
+        for lineno, where, line, parts in list_lines(list_file, 'image list'):
+            if len(parts) > 2:
+                raise DataError(f"{where}: expected 'relative/path [label]' (no spaces in "
+                                f"the path), got {line!r}")
+            label = IGNORE_LABEL
+            if len(parts) == 2:
                 try:
-                    line = raw.decode('utf-8').strip()
-                except UnicodeDecodeError:
-                    raise DataError(f'{where}: not UTF-8 text') from None
-                if not line or line.startswith('#'):
-                    continue
-                parts = line.split()
-                if len(parts) > 2:
-                    raise DataError(f"{where}: expected 'relative/path [label]' (no spaces in "
-                                    f"the path), got {line!r}")
-                label = IGNORE_LABEL
-                if len(parts) == 2:
-                    try:
-                        label = int(parts[1])
-                    except ValueError:
-                        raise DataError(f'{where}: the label {parts[1]!r} is not an integer '
-                                        f'(line {line!r})') from None
-                    if label < 0 or (num_classes is not None and label >= num_classes):
-                        top = f'{num_classes - 1} (MODEL.NUM_CLASSES {num_classes})' \
-                            if num_classes is not None else 'the number of classes - 1'
-                        raise DataError(f'{where}: label {label} is outside 0..{top}')
-                elif require_labels:
-                    raise DataError(f'{where}: no label after the path {parts[0]!r}; '
-                                    f'fine-tuning, linear probing and evaluation need '
-                                    f"'relative/path label'")
-                paths.append(os.path.join(root, parts[0]))
-                labels.append(label)
-                line_numbers.append(lineno)
+                    label = int(parts[1])
+                except ValueError:
+                    raise DataError(f'{where}: the label {parts[1]!r} is not an integer '
+                                    f'(line {line!r})') from None
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    top = f'{num_classes - 1} (MODEL.NUM_CLASSES {num_classes})' \
+                        if num_classes is not None else 'the number of classes - 1'
+                    raise DataError(f'{where}: label {label} is outside 0..{top}')
+            elif require_labels:
+                raise DataError(f'{where}: no label after the path {parts[0]!r}; '
+                                f'fine-tuning, linear probing and evaluation need '
+                                f"'relative/path label'")
+            paths.append(os.path.join(root, parts[0]))
+            labels.append(label)
+            line_numbers.append(lineno)
         if not paths:
             raise DataError(f'{list_file}: lists no images')
         return paths, labels, line_numbers
 
     def describe(self, index):
         return f'{self.path(index)} ({self.list_file} line {self._line_numbers[index]})'
+
+
+def list_lines(list_file, what='list file'):
+    """The lines of a list file that hold something -> (line number, 'FILE line N', the line,
+    its whitespace-separated parts); blank lines and '#' comments skipped. DataError for a
+    missing file or a line that is not UTF-8."""
+    if not os.path.isfile(list_file):
+        raise DataError(f'{what} not found: {list_file}')
+    with open(list_file, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f'{list_file} line {lineno}'
+            try:
+                line = raw.decode('utf-8').strip()
+            except UnicodeDecodeError:
+                raise DataError(f'{where}: not UTF-8 text') from None
+            if line and not line.startswith('#'):
+                yield lineno, where, line, line.split()
 
 
 class ImageFolderDataset(ImageDataset):
@@ -590,9 +596,9 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
 
     Training: DATA.BATCH_SIZE, shuffled from (SEED, epoch), drop_last, seeded workers; call
     loader.set_epoch(epoch) before each epoch. An epoch is one pass, or TRAIN.ITERS_PER_EPOCH
-    optimizer steps (x ACCUM_ITER batches) out of a stream of passes. Evaluation: DATA.BATCH_SIZE_EVAL, each image on
-    exactly one process. Batches are (images float32 [B, 3, H, W], labels int64 [B], sample ids
-    int64 [B]).
+    optimizer steps (x ACCUM_ITER batches) out of a stream of passes. Evaluation:
+    DATA.BATCH_SIZE_EVAL, each image on exactly one process. Batches are (images float32
+    [B, 3, H, W], labels int64 [B], sample ids int64 [B]).
     """
     if num_replicas is None:
         num_replicas = paddle.distributed.get_world_size()

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from augment import build_seg_transform
-from datasets import IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, _reason
+from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, _reason,
+                      list_lines)
 
 SPLIT_FOLDERS = {True: 'training', False: 'validation'}  # ADE20K's split folder names
 ANNOTATION_EXT = '.png'
@@ -225,29 +226,18 @@ class SegmentationDataset(ImageDataset):
 def read_pair_list(list_file, root):
     """`image_path annotation_path` lines -> (image paths, annotation paths, line numbers),
     paths joined to root. DataError naming the file and line for a malformed line."""
-    if not os.path.isfile(list_file):
-        raise DataError(f'list file not found: {list_file}')
     images, annotations, line_numbers = [], [], []
-    with open(list_file, 'rb') as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f'{list_file} line {lineno}'
-            try:
-                line = raw.decode('utf-8').strip()
-            except UnicodeDecodeError:
-                raise DataError(f'{where}: not UTF-8 text') from None
-            if not line or line.startswith('#'):
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise DataError(f"{where}: expected 'image_path annotation_path' (two paths "
-                                f"relative to DATA.DATA_PATH, no spaces in them), got {line!r}")
-            if parts[1].lstrip('-').isdigit():  # 'image label': a classification list
-                raise DataError(f"{where}: {line!r} is an image and a class label (a "
-                                f"classification list); segmentation lists hold "
-                                f"'image_path annotation_path'")
-            images.append(os.path.join(root, parts[0]))
-            annotations.append(os.path.join(root, parts[1]))
-            line_numbers.append(lineno)
+    for lineno, where, line, parts in list_lines(list_file):
+        if len(parts) != 2:
+            raise DataError(f"{where}: expected 'image_path annotation_path' (two paths "
+                            f"relative to DATA.DATA_PATH, no spaces in them), got {line!r}")
+        if parts[1].lstrip('-').isdigit():  # 'image label': a classification list
+            raise DataError(f"{where}: {line!r} is an image and a class label (a "
+                            f"classification list); segmentation lists hold "
+                            f"'image_path annotation_path'")
+        images.append(os.path.join(root, parts[0]))
+        annotations.append(os.path.join(root, parts[1]))
+        line_numbers.append(lineno)
     if not images:
         raise DataError(f'{list_file}: lists no images')
     return images, annotations, line_numbers

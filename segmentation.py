@@ -280,6 +280,27 @@ def predict_label_map(predict, img, size, config):
     return logits.argmax(axis=1)[0].numpy().astype(np.int64)
 
 
+def image_label_map(predict, image, config, transform=None):
+    """An RGB PIL image -> its predicted classes (H, W) at its own size: the evaluation
+    transform (augment.build_seg_transform(False, config), or `transform`), then
+    predict_label_map. What the tools draw and write."""
+    import augment
+    transform = transform or augment.build_seg_transform(False, config)
+    chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
+    return predict_label_map(predict, chw, (image.height, image.width), config)
+
+
+def checkpoint_predictor(config, weights):
+    """predict for sliding_window from a segmentor checkpoint: the task's model with all of
+    `weights` (as -eval), in eval mode."""
+    import tasks
+    task = tasks.get_task(config)
+    model = task.build_model()
+    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
+    model.eval()
+    return model_predictor(model, config)
+
+
 def model_predictor(model, config):
     """predict for sliding_window from a segmentor in eval mode (under the config's AMP)."""
     import utils

@@ -59,13 +59,17 @@ class Task:
     def evaluates(self):
         return self.best_metric is not None
 
-    def build_model(self):
-        """The network of the config (transformer.build_from_config) as this task trains it."""
+    def check_model_name(self):
+        """MODEL.NAME must be a model of this task's kind (model_prefix), else ConfigError."""
         name, mode = self.config.MODEL.NAME, self.config.TRAIN.MODE
         if not name.startswith(self.model_prefix):
             raise ConfigError(f'MODEL.NAME {name!r} does not fit TRAIN.MODE {mode!r}: '
                               f'pre-training uses an mae_* model, fine-tuning and linear probing '
                               f'a vit_* model')
+
+    def build_model(self):
+        """The network of the config (transformer.build_from_config) as this task trains it."""
+        self.check_model_name()
         return transformer.build_from_config(self.config)
 
     def build_dataset(self, is_train):
@@ -214,7 +218,7 @@ class Segmentation(Task):
 
     def build_model(self):
         import segmentation  # (lazy: the other tasks do not need it)
-        super().build_model()  # (the MODEL.NAME check only)
+        self.check_model_name()
         model = segmentation.build_segmentor(self.config)
         if paddle.distributed.get_world_size() > 1 and paddle.is_compiled_with_cuda():
             # batch 2 per GPU: BatchNorm statistics over all GPUs, as the recipe's SyncBN

@@ -578,15 +578,7 @@ def convert_file(src, dst, log=print):
     del sd
     info.update(md5=md5, official=status, ignored=ignored, src=src, dst=dst)
 
-    tmp = dst + '.tmp'
-    try:
-        _import_paddle().save(out, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise ConversionError(f'{dst}: cannot write ({e})') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(dst, lambda tmp: _import_paddle().save(out, tmp))
 
     arch = info['arch']
     log(f'kind: {_describe_kind(kind, arch)}')
@@ -604,6 +596,20 @@ def convert_file(src, dst, log=print):
     log(f'saved: {dst}')
     log(f'use it with: {usage(kind, arch, dst)}')
     return kind, info
+
+
+def write_atomically(path, write, error=ConversionError):
+    """write(tmp) to a temporary name beside path, then rename it to path: nothing
+    half-written is left behind. An OSError becomes error('PATH: cannot write (...)')."""
+    tmp = path + '.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise error(f'{path}: cannot write ({e})') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def usage(kind, arch, dst):

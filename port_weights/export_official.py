@@ -419,18 +419,6 @@ def _hf_settings(args, arch, config, src):
 # ----------------------------------------------------------------------------------------------
 # Writing safely
 # ----------------------------------------------------------------------------------------------
-def _atomic_file(path, write):
-    tmp = path + '.tmp'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f'{path}: cannot write ({e})') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _check_hf_dir(path):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f'--hf {path}: exists and is not a folder')
@@ -531,9 +519,9 @@ def export(args, log=print):
         layout = 'pretrain-full' if full else ('pretrain-encoder' if has_decoder else kind)
         weights = official if full or not has_decoder else encoder_only(official)
         if pth:
-            _atomic_file(args.dst, lambda p: write_pth(p, {'model': weights}))
+            C.write_atomically(args.dst, lambda p: write_pth(p, {'model': weights}), UserError)
         else:
-            _atomic_file(args.dst, lambda p: write_safetensors(p, weights))
+            C.write_atomically(args.dst, lambda p: write_safetensors(p, weights), UserError)
         what = ("{'model': state_dict}, torch.save format" if pth
                 else "state dict, metadata {'format': 'pt'}")
         note = ''

@@ -6,7 +6,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 start=$SECONDS
-step() { echo; echo "== [$(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s] $*"; }
+elapsed() { echo "$(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"; }
+step() { echo; echo "== [$(elapsed)] $*"; }
+fresh_runs() { # folder run... : a rerun of a quickstart starts these runs afresh
+  local out=$1 run; shift
+  for run in "$@"; do
+    if [[ -d $out/$run ]]; then echo "(replacing the earlier run $out/$run)"; rm -rf -- "${out:?}/$run"; fi
+  done
+}
 if [[ -z ${PYTHON:-} ]]; then
   step "virtual environment .venv (Paddle CPU + requirements.txt)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv

@@ -29,9 +29,7 @@ train() { # script config output batch [flags]
   "$PYTHON" "main_multi_gpu_$script.py" -cfg "configs/$cfg.yaml" -data_path "$DATA" \
     -output "$out" ${batch:+-batch_size "$batch"} "$@"
 }
-for run in pretrain linearprobe linearprobe_random finetune; do  # a rerun starts afresh
-  if [[ -d $OUT/$run ]]; then echo "(replacing the earlier quickstart run $OUT/$run)"; rm -rf -- "${OUT:?}/$run"; fi
-done
+fresh_runs "$OUT" pretrain linearprobe linearprobe_random finetune
 step "pre-training the tiny MAE for $PRETRAIN_EPOCHS epochs -> $OUT/pretrain"
 train pretrain tiny_pretrain "$OUT/pretrain" "${PRETRAIN_BATCH:-}" -opts TRAIN.NUM_EPOCHS "$PRETRAIN_EPOCHS"
 PRE=$OUT/pretrain/latest.pdparams
@@ -55,7 +53,7 @@ for cls in circle triangle ring checker dots; do images+=(--image "$DATA/val/$cl
 "$PYTHON" tools/visualize.py -cfg configs/tiny_pretrain.yaml -pretrained "$PRE" "${images[@]}" \
   --out "$OUT/reconstruction.png"
 
-step "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+step "done in $(elapsed)"
 "$PYTHON" - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]

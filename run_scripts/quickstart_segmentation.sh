@@ -25,9 +25,7 @@ fi
 step "segmentation demo set -> $SEG_DATA"
 "$PYTHON" tools/make_demo_dataset.py --segmentation --out "$SEG_DATA" \
   --train-count "$SEG_TRAIN" --val-count "$SEG_VAL"
-for run in segmentation segmentation_random; do  # a rerun starts afresh
-  if [[ -d $OUT/$run ]]; then echo "(replacing the earlier run $OUT/$run)"; rm -rf -- "${OUT:?}/$run"; fi
-done
+fresh_runs "$OUT" segmentation segmentation_random
 seg() { # output [flags]
   local out=$1; shift
   "$PYTHON" main_multi_gpu_segmentation.py -cfg configs/tiny_segmentation.yaml \
@@ -44,7 +42,7 @@ for f in $(ls "$SEG_DATA/images/validation" | head -4); do images+=(--image "$SE
 "$PYTHON" tools/visualize.py -pretrained "$OUT/segmentation/latest.pdparams" "${images[@]}" \
   --out "$OUT/segmentation.png"
 
-step "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+step "done in $(elapsed)"
 "$PYTHON" - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]

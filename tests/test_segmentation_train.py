@@ -3,10 +3,8 @@ learns, -eval counts each image once with 1 or 2 processes, kill -9 + -resume au
 an uninterrupted run ends, bad annotations stop in one line, export + predict + visualize."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import paddle
@@ -16,7 +14,7 @@ from PIL import Image
 import config as cfgmod
 import tasks
 from conftest import ROOT
-from test_train import log_lines, max_diff, params, run
+from test_train import kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
@@ -94,20 +92,7 @@ def test_segmentation_kill_and_resume_auto_is_exact(segdata, tmp_path):
     run(SCRIPT, CFG, *args, '-output', ref, opts=opts)
     cmd = [sys.executable, os.path.join(ROOT, SCRIPT), '-cfg', os.path.join(ROOT, 'configs', CFG),
            *args, '-output', killed, '-opts', *opts, 'REPORT_FREQ', '100']
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:  # killed once it has saved mid-way through epoch 1 (after epoch_0)
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(killed, 'epoch_0.pdparams')) and \
-                    os.path.exists(os.path.join(killed, 'previous.pdopt')):
-                time.sleep(0.3)
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, 'the run ended before it could be killed'
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_saved_mid_epoch_1(cmd, killed)
     assert len(log_lines(killed)) < 3
     r = run(SCRIPT, CFG, *args, '-output', killed, '-resume', 'auto', opts=opts)
     assert 'resumed from' in r.stdout
@@ -179,22 +164,15 @@ def test_export_predict_and_visualize_a_segmentor(segdata, trained, tmp_path):
     assert [x['image'] for x in lines] == images
     # the label PNG equals the checkpoint's own prediction (sliding windows, as -eval), in the
     # dataset's convention (classes + 1: 0 stays 'unlabelled')
-    import augment
     import datasets
     import segmentation
     config = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs', CFG)), opts)
-    task = tasks.get_task(config)
-    model = task.build_model()
-    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
-    model.eval()
-    predict = segmentation.model_predictor(model, config)
-    transform = augment.build_seg_transform(False, config)
+    predict = segmentation.checkpoint_predictor(config, weights)  # the dygraph model
     for line, path in zip(lines, images):
         image = datasets.load_rgb(path)
         label = np.asarray(Image.open(line['label_png']))
         assert label.shape == (image.height, image.width) and label.min() >= 1
-        chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
-        ours = segmentation.predict_label_map(predict, chw, label.shape, config)
+        ours = segmentation.image_label_map(predict, image, config)
         assert (label == ours + 1).mean() > 0.999  # (Paddle Inference vs dygraph rounding)
         overlay = Image.open(line['overlay_png'])
         assert overlay.height >= image.height and overlay.width > image.width  # + legend

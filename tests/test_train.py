@@ -165,20 +165,7 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
            os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
            '-opts', *opts, 'REPORT_FREQ', '100']
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(killed, 'epoch_0.pdparams')) and \
-                    os.path.exists(os.path.join(killed, 'previous.pdopt')):
-                time.sleep(0.3)
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, 'the run ended before it could be killed'
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_saved_mid_epoch_1(cmd, killed)
     assert len(log_lines(killed)) < 3
     r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
             '-resume', 'auto', opts=opts)
@@ -189,6 +176,25 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
     assert d < 1e-5
     assert [x['epoch'] for x in log_lines(killed)] == [x['epoch'] for x in log_lines(ref)] == \
         [0, 1, 2]
+
+
+def kill_once_saved_mid_epoch_1(cmd, out):
+    """Run cmd and kill -9 it (with its loader workers) once it has saved mid-way through
+    epoch 1: epoch_0.pdparams and an iteration checkpoint after it (previous.pdopt)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(out, 'epoch_0.pdparams')) and \
+                    os.path.exists(os.path.join(out, 'previous.pdopt')):
+                time.sleep(0.3)
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, 'the run ended before it could be killed'
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @functools.lru_cache(maxsize=None)

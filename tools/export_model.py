@@ -68,7 +68,8 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-cfg', help='config of the model (optional for a checkpoint of this project: '
                    'it carries its own)')
-    p.add_argument('-pretrained', required=True, help='fine-tuned classifier or segmentor .pdparams')
+    p.add_argument('-pretrained', required=True,
+                   help='fine-tuned classifier or segmentor .pdparams')
     p.add_argument('-output', required=True, help='folder for the exported model')
     p.add_argument('-opts', nargs='+', action='extend', default=[])
     args = p.parse_args()

@@ -97,10 +97,8 @@ class SegmentationPredictor(Predictor):
         """-> (the RGB image, predicted classes (H, W) at its size)."""
         import segmentation
         image = self.read(path)
-        chw, _ = self.transform(image, np.zeros((image.height, image.width), np.int64))
-        pred = segmentation.predict_label_map(self.logits, chw, (image.height, image.width),
-                                              self.config)
-        return image, pred
+        return image, segmentation.image_label_map(self.logits, image, self.config,
+                                                   self.transform)
 
     def write(self, paths, out_dir):
         import seg_data

@@ -12,10 +12,11 @@ present (the same picture tools/predict.py writes from an exported model):
     python tools/visualize.py -pretrained output/segmentation/best.pdparams \
         --image room.jpg --out segmentation.png
 
-Reconstructions need a checkpoint WITH the decoder: a converted mae_visualize_vit_*.pth (trained with plain
-pixel loss: pass MODEL.NORM_PIX_LOSS False) or a latest.pdparams of our pre-training. With a
-norm-pix model the prediction of each patch is un-normalised with that patch's own mean and
-variance in the original image (the model never predicts them), and the caption says so.
+Reconstructions need a checkpoint WITH the decoder: a converted mae_visualize_vit_*.pth
+(trained with plain pixel loss: pass MODEL.NORM_PIX_LOSS False) or a latest.pdparams of our
+pre-training. With a norm-pix model the prediction of each patch is un-normalised with that
+patch's own mean and variance in the original image (the model never predicts them), and the
+caption says so.
 """
 import argparse
 import os
@@ -140,11 +141,7 @@ def visualize_segmentation(config, weights, image_paths, out, scale=None):
     one row per image, saved as out."""
     import segmentation
     import seg_data
-    task = tasks.get_task(config)
-    model = task.build_model()
-    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
-    model.eval()
-    predict = segmentation.model_predictor(model, config)
+    predict = segmentation.checkpoint_predictor(config, weights)
     transform = augment.build_seg_transform(False, config)
     names = (checkpoint.saved_meta(weights) or {}).get('classes') or seg_data.class_names(config)
     rows = []
@@ -153,8 +150,7 @@ def visualize_segmentation(config, weights, image_paths, out, scale=None):
             image = datasets.load_rgb(path)
         except Exception as e:
             raise utils.UserError(f'cannot read image {path}: {e}') from None
-        chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
-        pred = segmentation.predict_label_map(predict, chw, (image.height, image.width), config)
+        pred = segmentation.image_label_map(predict, image, config, transform)
         zoom = scale or max(1, 256 // max(image.size))
         rows.append(seg_data.overlay(image, pred, names, scale=zoom))
     pad = 4
