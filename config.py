@@ -26,6 +26,11 @@ _C.DATA.CROP_PCT = 0.875              # eval: resize to IMAGE_SIZE / CROP_PCT, c
 _C.DATA.MEAN = [0.485, 0.456, 0.406]  # ImageNet, RGB in [0, 1]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.ON_BAD_IMAGE = 'error'        # 'error': stop naming the file; 'skip': use another image
+_C.DATA.TRAIN_SHARDS = ''             # tar shards (webdataset layout) instead of TRAIN_LIST: a
+                                      # brace pattern, absolute or relative to DATA_PATH, e.g.
+                                      # 'train-{0000..1023}.tar' ('' = list file / folders)
+_C.DATA.VAL_SHARDS = ''               # the same for evaluation, instead of VAL_LIST
+_C.DATA.SHARD_SHUFFLE_BUFFER = 1000   # pipe: shards, training: samples in the shuffle buffer
 # semantic segmentation (DESIGN.md 3.4): the crop / sliding window is IMAGE_SIZE
 _C.DATA.IGNORE_INDEX = 255            # annotation value left out of the loss and the metrics
 _C.DATA.REDUCE_ZERO_LABEL = False     # ADE20K: 0 ('other') -> IGNORE_INDEX, 1..150 -> 0..149

@@ -28,6 +28,7 @@ Samples are (image, label, sample id): the id is the sample's identity in its da
 seed, its pre-training mask (tasks.masking_noise) -- follows it into any batch on any process.
 """
 import gc
+import itertools
 import logging
 import math
 import multiprocessing
@@ -123,26 +124,15 @@ def _reason(exc):
 
 # ------------------------------------------------------------------------------------ datasets
 
-class ImageDataset(Dataset):
-    """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64 label,
-    int64 sample id = the index).
+class LoaderSide:
+    """What every dataset of this project shares with EpochDataLoader: the count of skipped
+    samples (shared with the loader's workers), errors recorded inside a loader and raised in
+    the main thread, and the per-sample augmentation seed. Mixed into ImageDataset (map-style)
+    and shards.ShardStream (iterable)."""
 
-    paths: file paths; labels: ints; transform: PIL RGB image -> array (None: the PIL image).
-    on_bad_image: 'error' raises BadImageError naming the file; 'skip' uses the next readable
-    sample instead, counts it in `num_skipped` and logs a warning.
-    mark_skipped: give a replaced sample IGNORE_LABEL (evaluation: count every image once).
-    augment_seed: when not None, the random transforms of sample i in epoch augment_epoch draw
-    from RNGs seeded with (augment_seed, augment_epoch, i): the same augmentation whichever
-    worker or process loads it, for any NUM_WORKERS, and in a run resumed mid-epoch.
-    Paths are held in one NumPy bytes array, not a list of str, so that forked workers do not
-    copy them page by page as reference counts change.
-    """
-
-    def __init__(self, paths, labels, transform=None, on_bad_image='error', mark_skipped=False):
+    def _init_loader_side(self, transform, on_bad_image, mark_skipped):
         if on_bad_image not in ('error', 'skip'):
             raise ConfigError(f"DATA.ON_BAD_IMAGE is {on_bad_image!r}; choose 'error' or 'skip'")
-        self._paths = np.array([p.encode('utf-8') for p in paths], dtype=np.bytes_)
-        self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.mark_skipped = mark_skipped
@@ -152,31 +142,27 @@ class ImageDataset(Dataset):
         self.augment_seed = None  # set (with augment_epoch) by a training EpochDataLoader
         self.augment_epoch = 0
 
-    def __len__(self):
-        return len(self._paths)
-
-    def path(self, index):
-        return self._paths[index].decode('utf-8')
-
-    def describe(self, index):
-        """Where sample `index` comes from, for messages."""
-        return self.path(index)
-
     @property
     def num_skipped(self):
-        """Unreadable images replaced so far, over all loader workers of this process."""
+        """Unreadable samples replaced so far, over all loader workers of this process."""
         return self._skipped.value
 
     def reset_skip_count(self):
         with self._skipped.get_lock():
             self._skipped.value = 0
 
+    def _count_skipped(self, where, exc):
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        logger.warning('skipping unreadable image %s: %s', where, _reason(exc))
+
     # Errors inside a loader. Paddle's DataLoader runs __getitem__ in a reader thread (also
     # with NUM_WORKERS 0) or in worker processes; an exception there leaves the main process
     # hanging (NUM_WORKERS 0, Paddle 2.6 and 3.3) or failing with a bare SystemError while the
     # real error goes to stderr as a thread traceback. So while EpochDataLoader iterates
-    # (defer_errors True), __getitem__ records the first error in shared memory and returns a
-    # placeholder sample, and the loader raises the recorded error in the main thread.
+    # (defer_errors True), a dataset records the first error in shared memory and returns a
+    # placeholder sample (or ends its stream), and the loader raises the recorded error in the
+    # main thread.
 
     def loader_error(self):
         """The first error recorded during loader iteration, as an exception to raise, or None:
@@ -195,22 +181,25 @@ class ImageDataset(Dataset):
     def clear_loader_error(self):
         self._loader_error.value = b''
 
-    def __getitem__(self, index):
-        """-> (transformed image [3, H, W] float32, int64 label, int64 sample id)."""
-        try:
-            return self._load_sample(index)
-        except Exception as e:
-            if not self.defer_errors:
-                raise
-            if isinstance(e, DataError):
-                record = f'{type(e).__name__}\t{e}'
-            else:
-                record = 'Exception\t' + ''.join(traceback.format_exception(
-                    type(e), e, e.__traceback__))[-(_ERROR_BYTES // 2):]
-            with self._loader_error.get_lock():
-                if not self._loader_error.value:
-                    self._loader_error.value = record.encode('utf-8')[:_ERROR_BYTES - 1]
-            return self._placeholder(index)
+    def _record_error(self, e):
+        """Record e (deferred mode) for the loader to raise; re-raise it otherwise."""
+        if not self.defer_errors:
+            raise e
+        if isinstance(e, DataError):
+            record = f'{type(e).__name__}\t{e}'
+        else:
+            record = 'Exception\t' + ''.join(traceback.format_exception(
+                type(e), e, e.__traceback__))[-(_ERROR_BYTES // 2):]
+        with self._loader_error.get_lock():
+            if not self._loader_error.value:
+                self._loader_error.value = record.encode('utf-8')[:_ERROR_BYTES - 1]
+
+    def _transformed(self, img, sample_id):
+        """img through the transform, seeded per sample in training (see ImageDataset)."""
+        if self.augment_seed is not None:
+            utils.seed_everything(self.augment_seed, self.augment_epoch, sample_id,
+                                  include_paddle=False)
+        return self.transform(img) if self.transform is not None else img
 
     def _placeholder(self, index):
         img = Image.new('RGB', (1, 1))
@@ -220,30 +209,67 @@ class ImageDataset(Dataset):
             img = np.zeros((3, 1, 1), np.float32)
         return img, np.int64(IGNORE_LABEL), np.int64(index)
 
+
+class ImageDataset(LoaderSide, Dataset):
+    """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64 label,
+    int64 sample id = the index).
+
+    paths: file paths; labels: ints; transform: PIL RGB image -> array (None: the PIL image).
+    on_bad_image: 'error' raises BadImageError naming the file; 'skip' uses the next readable
+    sample instead, counts it in `num_skipped` and logs a warning.
+    mark_skipped: give a replaced sample IGNORE_LABEL (evaluation: count every image once).
+    augment_seed: when not None, the random transforms of sample i in epoch augment_epoch draw
+    from RNGs seeded with (augment_seed, augment_epoch, i): the same augmentation whichever
+    worker or process loads it, for any NUM_WORKERS, and in a run resumed mid-epoch.
+    Paths are held in one NumPy bytes array, not a list of str, so that forked workers do not
+    copy them page by page as reference counts change.
+    """
+
+    def __init__(self, paths, labels, transform=None, on_bad_image='error', mark_skipped=False):
+        self._init_loader_side(transform, on_bad_image, mark_skipped)
+        self._paths = np.array([p.encode('utf-8') for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self._paths)
+
+    def path(self, index):
+        return self._paths[index].decode('utf-8')
+
+    def describe(self, index):
+        """Where sample `index` comes from, for messages."""
+        return self.path(index)
+
+    def read_image(self, index):
+        """Sample `index`'s image as upright RGB PIL (a data source other than files, such as
+        tar shards, overrides this); raises what load_rgb raises."""
+        return load_rgb(self.path(index))
+
+    def __getitem__(self, index):
+        """-> (transformed image [3, H, W] float32, int64 label, int64 sample id)."""
+        try:
+            return self._load_sample(index)
+        except Exception as e:
+            self._record_error(e)
+            return self._placeholder(index)
+
     def _load_sample(self, index):
         n = len(self)
         for attempt in range(min(n, MAX_BAD_IN_A_ROW)):
             i = (index + attempt) % n
             try:
-                img = load_rgb(self.path(i))
+                img = self.read_image(i)
             except Exception as e:
                 if self.on_bad_image == 'error':
                     raise BadImageError(
                         f'cannot read image {self.describe(i)}: {_reason(e)}. Fix or remove it, '
                         f'or set DATA.ON_BAD_IMAGE skip to skip unreadable images') from None
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                logger.warning('skipping unreadable image %s: %s', self.describe(i), _reason(e))
+                self._count_skipped(self.describe(i), e)
                 continue
             label = self.labels[i]
             if attempt and self.mark_skipped:
                 label = IGNORE_LABEL
-            if self.augment_seed is not None:
-                utils.seed_everything(self.augment_seed, self.augment_epoch, index,
-                                      include_paddle=False)
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, np.int64(label), np.int64(index)
+            return self._transformed(img, index), np.int64(label), np.int64(index)
         raise DataError(f'{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row, starting at '
                         f'{self.describe(index)}: is DATA.DATA_PATH the right folder?')
 
@@ -379,22 +405,39 @@ def _images_under(folder):
 
 
 def build_dataset(config, is_train, transform=None):
-    """The training or validation dataset of config.DATA (list file first, else a folder of
-    class sub-folders: DATA_PATH/train or DATA_PATH/val), with build_transform's transform
-    unless one is given. Labels are required except for a training set of a task that needs
-    none (pre-training). Class folders: one class map, the training folders' (hidden ones
-    skipped), applied to val/ too, its size equal to MODEL.NUM_CLASSES."""
+    """The training or validation dataset of config.DATA (tar shards when DATA.TRAIN_SHARDS /
+    VAL_SHARDS is set, else the list file, else a folder of class sub-folders: DATA_PATH/train
+    or DATA_PATH/val), with build_transform's transform unless one is given. Labels are required
+    except for a training set of a task that needs none (pre-training). Class folders: one class
+    map, the training folders' (hidden ones skipped), applied to val/ too, its size equal to
+    MODEL.NUM_CLASSES."""
     d = config.DATA
-    if not d.DATA_PATH:
-        raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
-    if not os.path.isdir(d.DATA_PATH):
+    shards_key = 'TRAIN_SHARDS' if is_train else 'VAL_SHARDS'
+    pattern = d.get(shards_key, '')
+    if d.DATA_PATH and not os.path.isdir(d.DATA_PATH):
         raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
+    if not pattern and not d.DATA_PATH:
+        raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
     if transform is None:
         transform = build_transform(is_train, config)
     import tasks  # (lazy: the task says whether its training set needs labels)
     need_labels = not is_train or tasks.get_task(config).needs_labels
-    common = dict(transform=transform, require_labels=need_labels,
-                  num_classes=config.MODEL.NUM_CLASSES if need_labels else None,
+    num_classes = config.MODEL.NUM_CLASSES if need_labels else None
+    if pattern:  # tar shards replace the list files (shards.py)
+        import shards
+        sources = shards.expand(pattern, d.DATA_PATH)
+        common = dict(transform=transform, need_labels=need_labels, num_classes=num_classes,
+                      on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train,
+                      key_name=f'DATA.{shards_key}')
+        if not any(s.startswith('pipe:') for s in sources):
+            return shards.ShardDataset(sources, **common)  # local: read by seeking
+        if is_train and config.TRAIN.ITERS_PER_EPOCH:
+            raise ConfigError('TRAIN.ITERS_PER_EPOCH is not supported with streamed (pipe:) '
+                              'shards: an epoch is one pass over them')
+        return shards.ShardStream(sources, shards.source_counts(sources, d.DATA_PATH),
+                                  train=is_train, seed=config.SEED,
+                                  shuffle_buffer=d.SHARD_SHUFFLE_BUFFER, **common)
+    common = dict(transform=transform, require_labels=need_labels, num_classes=num_classes,
                   on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train)
     list_name, list_key = (d.TRAIN_LIST, 'TRAIN_LIST') if is_train else (d.VAL_LIST, 'VAL_LIST')
     list_file = os.path.join(d.DATA_PATH, list_name)
@@ -530,21 +573,32 @@ class EpochDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_sampler, num_workers, seed, rank, train):
+        # batch_sampler None: an iterable dataset that plans its own batches (shards.ShardStream:
+        # set_epoch, num_batches, batch_size); it then also keeps the epoch
+        self._epochs = batch_sampler if batch_sampler is not None else dataset
         # a dataset of samples default_collate cannot stack (segmentation's evaluation images
         # of different sizes) names its own collate_fn
-        super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                         worker_init_fn=_WorkerInit(batch_sampler, seed, rank, train),
-                         collate_fn=getattr(dataset, 'collate_fn', None), return_list=True)
+        batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+                    dict(batch_size=dataset.batch_size, drop_last=False))
+        super().__init__(dataset, num_workers=num_workers,
+                         worker_init_fn=_WorkerInit(self._epochs, seed, rank, train),
+                         collate_fn=getattr(dataset, 'collate_fn', None), return_list=True,
+                         **batching)
         self._seed, self._train = seed, train
 
     def set_epoch(self, epoch, start_batch=0):
-        self.batch_sampler.set_epoch(epoch, start_batch)
+        self._epochs.set_epoch(epoch, start_batch)
+
+    def __len__(self):
+        if self._epochs is self.dataset:
+            return self.dataset.num_batches()
+        return super().__len__()
 
     def __iter__(self):
         if self._train and hasattr(self.dataset, 'augment_seed'):
             # before the workers start, so they inherit both
             self.dataset.augment_seed = self._seed
-            self.dataset.augment_epoch = self.batch_sampler.epoch
+            self.dataset.augment_epoch = self._epochs.epoch
         if self.num_workers == 0:
             return self._batches_in_this_thread()
         # A finished Paddle loader iterator lingers in a reference cycle. Left to the cyclic
@@ -559,8 +613,13 @@ class EpochDataLoader(DataLoader):
         return self._raising_recorded_errors(super().__iter__())
 
     def _batches_in_this_thread(self):
-        for indices in self.batch_sampler:
-            batch = (self.collate_fn or default_collate_fn)([self.dataset[i] for i in indices])
+        if self._epochs is self.dataset:  # an iterable dataset: cut its stream into batches
+            samples = iter(self.dataset)
+            groups = iter(lambda: list(itertools.islice(samples, self.dataset.batch_size)), [])
+        else:
+            groups = ([self.dataset[i] for i in indices] for indices in self.batch_sampler)
+        for group in groups:
+            batch = (self.collate_fn or default_collate_fn)(group)
             yield [paddle.to_tensor(field) if isinstance(field, np.ndarray) else field
                    for field in batch]
 
@@ -604,6 +663,15 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
         num_replicas = paddle.distributed.get_world_size()
     if rank is None:
         rank = paddle.distributed.get_rank()
+    if getattr(dataset, 'streamed', False):  # shards.ShardStream plans its own batches
+        dataset.configure(config.DATA.BATCH_SIZE if is_train else config.DATA.BATCH_SIZE_EVAL,
+                          rank, num_replicas, config.DATA.NUM_WORKERS)
+        if is_train and dataset.num_batches() == 0:
+            raise DataError(f'{len(dataset)} training images make no full batch of '
+                            f'DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} on each of '
+                            f'{num_replicas} processes')
+        return EpochDataLoader(dataset, None, config.DATA.NUM_WORKERS, config.SEED, rank,
+                               train=is_train)
     if is_train:
         per_epoch = (config.TRAIN.ITERS_PER_EPOCH * config.TRAIN.ACCUM_ITER *
                      config.DATA.BATCH_SIZE * num_replicas)

@@ -73,8 +73,9 @@ class Task:
         return transformer.build_from_config(self.config)
 
     def build_dataset(self, is_train):
-        """The training or evaluation dataset: list files or class folders (datasets.py), with
-        the transforms of augment.build_transform. Samples are (image, label, sample id)."""
+        """The training or evaluation dataset: tar shards (DATA.TRAIN_SHARDS / VAL_SHARDS,
+        shards.py), list files or class folders (datasets.py), with the transforms of
+        augment.build_transform. Samples are (image, label, sample id)."""
         return datasets.build_dataset(self.config, is_train)
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
@@ -227,6 +228,9 @@ class Segmentation(Task):
 
     def build_dataset(self, is_train):
         import seg_data
+        if self.config.DATA.get('TRAIN_SHARDS') or self.config.DATA.get('VAL_SHARDS'):
+            raise ConfigError('DATA.TRAIN_SHARDS / VAL_SHARDS (tar shards) hold classification '
+                              'samples; segmentation reads ADE20K folders or PaddleSeg lists')
         dataset = seg_data.build_dataset(self.config, is_train)
         dataset.classes = seg_data.class_names(self.config)  # (saved with the checkpoints)
         return dataset

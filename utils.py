@@ -283,10 +283,11 @@ def setup(stage, argv=None, can_eval=True):
         raise UserError(f'{args.cfg or args.pretrained}: TRAIN.MODE is {config.TRAIN.MODE!r} '
                         f'but this script is '
                         f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
-    if not config.DATA.DATA_PATH:
+    shards = config.DATA.get('TRAIN_SHARDS') or config.DATA.get('VAL_SHARDS')
+    if not config.DATA.DATA_PATH and not shards:  # (shards: datasets.build_dataset checks)
         raise UserError('no data: give -data_path DIR (with train_list.txt / val_list.txt or '
                         'class sub-folders)')
-    if not os.path.isdir(config.DATA.DATA_PATH):
+    if config.DATA.DATA_PATH and not os.path.isdir(config.DATA.DATA_PATH):
         raise UserError(f'data folder not found: {config.DATA.DATA_PATH}')
     if config.MODEL.PRETRAINED:
         checkpoint.check_file(config.MODEL.PRETRAINED, 'pretrained weights')

@@ -1,0 +1,699 @@
+"""Tar shards in webdataset's layout (DATA.TRAIN_SHARDS / DATA.VAL_SHARDS), read as a map-style
+dataset through a per-shard offset index.
+
+Layout: a shard is a plain (uncompressed) tar; members `<key>.<ext>` with ext one of jpg, jpeg,
+png, webp (the image, its original bytes) and `<key>.cls` (the label as decimal text);
+consecutive members with the same key make one sample, other members (.json, .txt, ...) are
+ignored. timm's imagenet-1k-wds shards and tools/make_shards.py's output both fit.
+
+Design: why an offset index and a map-style dataset, not a stream
+-----------------------------------------------------------------
+The loaders of datasets.py give guarantees that every data source must keep: the augmentation
+of a sample is seeded from (SEED, epoch, sample id) and its pre-training mask from (SEED, epoch,
+sample id); 1 and R processes see the same global batches (TrainBatchSampler: one permutation
+per epoch from (SEED, epoch), dealt r, r + R, ...); a run resumed mid-epoch continues with
+exactly the batches it would have had (set_epoch(epoch, start_batch)); evaluation counts each
+sample once for any number of processes (EvalBatchSampler); data errors are raised in the main
+thread as one line (ImageDataset's deferred errors). A streaming reader (webdataset's shard
+shuffle + buffer shuffle) keeps none of these exactly: its order depends on how shards are
+split over ranks x workers, resuming mid-epoch means replaying the stream, and webdataset
+takes rank / worker from torch or RANK/WORKER env variables that Paddle's launcher does not
+set (wids, its indexed reader, imports torch).
+
+A local tar, though, can be read at random: each member's data is a contiguous byte range of
+the file. So each shard gets an index -- `<shard>.index.json` beside it, written by
+tools/make_shards.py, or built once by scanning the tar headers (tarfile, standard library; no
+image is decoded) when missing or stale (the shard's size differs) -- that lists its samples in
+member order: key, image member, data offset, data size, label. A sample id is the sample's
+global position (shard order of the expanded pattern x member order), stable across runs.
+ShardDataset is then an ImageDataset whose image bytes come from one seek + read: every sampler,
+loader, seed and error path of datasets.py applies unchanged.
+
+Problems found while indexing (tar truncated inside a member or a header, sample without .cls
+when labels are needed, bad .cls text, key without an image) are recorded in the index as bad
+samples: with DATA.ON_BAD_IMAGE 'error' the dataset refuses to build, with one DataError line
+naming shard and member; with 'skip' such a sample keeps its id and is skipped and counted at
+load time exactly like an unreadable image of a list file (an undecodable image is found at
+load time in both modes, as for list files).
+
+A tar cut off inside a member or a header loses the samples after the cut (the index cannot
+know them); the cut itself counts as one bad sample. The index is trusted while the shard's size
+is unchanged: a shard rewritten in place to the same size needs its index deleted.
+
+Config values: DATA.TRAIN_SHARDS / VAL_SHARDS go through YAML (-opts too), so a pattern that
+starts with '{' must be quoted twice (-opts DATA.TRAIN_SHARDS "'{a,b}-{0..9}.tar'"); several
+patterns can be joined with '::'.
+
+`pipe:COMMAND` sources (expand() understands them, braces included) cannot be seeked: reading
+them is not implemented -- building a dataset over them raises a ConfigError that says to copy
+the shards to a local or mounted file system (an iterable path would have to give up the exact
+global batches and mid-epoch resume above).
+"""
+import io
+import json
+import logging
+import os
+import math
+import re
+import subprocess
+import tarfile
+import tempfile
+
+import numpy as np
+import paddle
+from PIL import Image
+
+import datasets
+import utils
+from config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+INDEX_SUFFIX = '.index.json'
+INDEX_VERSION = 1
+
+
+def _data_error(message):
+    return datasets.DataError(message)
+
+
+# ------------------------------------------------------------------------------ brace patterns
+
+_RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
+
+
+def braceexpand(pattern):
+    """Shell-style brace expansion: `a-{0000..0003}.tar`, `{train,val}-{0..1}.tar`, nested
+    braces. Numeric ranges keep the zero padding of the wider bound. A pattern without braces
+    is itself."""
+    depth, start = 0, None
+    for i, ch in enumerate(pattern):
+        if ch == '{':
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == '}' and depth:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:start], pattern[start + 1:i], pattern[i + 1:]
+                return [head + choice + rest for choice in _alternatives(body)
+                        for rest in braceexpand(tail)]
+    if depth:
+        raise ConfigError(f'unbalanced braces in the shard pattern {pattern!r}')
+    return [pattern]
+
+
+def _alternatives(body):
+    m = _RANGE.match(body)
+    if m:
+        a, b = m.group(1), m.group(2)
+        lo, hi = int(a), int(b)
+        padded = any(len(x.lstrip('-')) > 1 and x.lstrip('-')[0] == '0' for x in (a, b))
+        width = max(len(a.lstrip('-')), len(b.lstrip('-'))) if padded else 0
+        step = 1 if hi >= lo else -1
+        return [str(v).zfill(width) if v >= 0 else '-' + str(-v).zfill(width)
+                for v in range(lo, hi + step, step)]
+    parts, depth, cur = [], 0, ''
+    for ch in body:
+        if ch == ',' and depth == 0:
+            parts.append(cur)
+            cur = ''
+            continue
+        depth += (ch == '{') - (ch == '}')
+        cur += ch
+    parts.append(cur)
+    if len(parts) == 1:  # `{x}`: literal braces, as in the shell
+        return ['{' + body + '}']
+    return [q for p in parts for q in braceexpand(p)]
+
+
+def expand(pattern, root=''):
+    """The shard sources of a DATA.*_SHARDS value, in order: local paths (a relative pattern is
+    taken relative to root, DATA.DATA_PATH) or `pipe:COMMAND` strings (braces in the command
+    expanded too). Several patterns may be separated by '::'."""
+    pattern = pattern.strip()
+    if not pattern:
+        raise ConfigError('empty shard pattern')
+    sources = []
+    for part in pattern.split('::'):
+        part = part.strip()
+        for s in braceexpand(part):
+            if s.startswith('pipe:'):
+                sources.append(s)
+            elif os.path.isabs(os.path.expanduser(s)):
+                sources.append(os.path.expanduser(s))
+            else:
+                if not root:
+                    raise _data_error(f'the shard pattern {part!r} is relative but DATA.DATA_PATH'
+                                      f' is not set (-data_path DIR), or give an absolute path')
+                sources.append(os.path.join(root, s))
+    return sources
+
+
+# ---------------------------------------------------------------------------------- the index
+
+def split_key(name):
+    """Member name -> (key, extension): webdataset's rule, the basename split at its first dot
+    (the directory stays in the key)."""
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition('.')
+    return (os.path.join(folder, stem) if folder else stem), ext.lower()
+
+
+def index_path(shard):
+    return shard + INDEX_SUFFIX
+
+
+def scan(shard):
+    """Index a local tar by reading its headers and .cls members (no image is decoded):
+    {'version', 'shard_bytes', 'samples': [[key, image member or null, data offset, data size,
+    label or null (no .cls), problem or null], ...]} in member order. A problem (tar truncated
+    inside a member or a header, unreadable .cls, a .cls without an image) is a short text
+    naming the member; the sample keeps its place, so sample ids do not move. Keys with neither
+    an image nor a .cls are not samples."""
+    size = os.path.getsize(shard)
+    groups = []  # [key, {ext: (member name, data offset, data size)}], consecutive keys
+    end = 0      # padded end of the last complete member
+    truncated, tail_problem = None, None
+    samples = []
+    with open(shard, 'rb') as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode='r:')
+        except tarfile.TarError as e:
+            raise _data_error(f'{shard}: not a readable tar file ({e})') from None
+        try:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = split_key(m.name)
+                if not groups or groups[-1][0] != key:
+                    groups.append([key, {}])
+                if m.offset_data + m.size > size:  # tarfile does not notice
+                    truncated = len(groups) - 1
+                    groups[-1][1]['_cut'] = (m.name, m.offset_data, m.size)
+                    break
+                groups[-1][1].setdefault(ext, (m.name, m.offset_data, m.size))
+                end = m.offset_data + (m.size + 511) // 512 * 512
+        except tarfile.TarError as e:
+            tail_problem = f'tar header unreadable after byte {end} ({e})'
+        if truncated is None and tail_problem is None:
+            # tarfile stops silently at a cut-off header or at the end of the file: after the
+            # last member there must be the end-of-archive zero blocks and nothing else
+            f.seek(end)
+            if not _all_zero(f):
+                tail_problem = f'tar truncated or corrupt after byte {end} (a partial header)'
+            elif end + 1024 > size and groups:
+                tail_problem = f'tar truncated after byte {end} (no end-of-archive blocks)'
+        for key, members in groups:
+            problem, label = None, None
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            image = members.get(ext)
+            if '_cut' in members:
+                name, off, n = members['_cut']
+                problem = f'tar truncated inside member {name} ({n} bytes at byte {off}, ' \
+                          f'the file has {size})'
+            elif image is None and 'cls' not in members:
+                continue  # members of no sample (metadata): ignored
+            elif image is None:
+                problem = f'sample {key} has {key}.cls but no image member ' \
+                          f'(.{", .".join(IMAGE_EXTS)})'
+            elif 'cls' in members:
+                name, off, n = members['cls']
+                f.seek(off)
+                text = f.read(n).decode('utf-8', 'replace').strip()
+                if re.fullmatch(r'\d+', text):
+                    label = int(text)
+                else:
+                    problem = f'member {name}: the label {text[:20]!r} is not an integer >= 0'
+            samples.append([key, image[0] if image else None, image[1] if image else 0,
+                            image[2] if image else 0, label, problem])
+    if tail_problem:
+        samples.append([f'<after byte {end}>', None, 0, 0, None, tail_problem])
+    return {'version': INDEX_VERSION, 'shard_bytes': size, 'samples': samples}
+
+
+def _all_zero(f, chunk=1 << 20):
+    """Whether the rest of the open file holds only zero bytes (read in chunks)."""
+    while True:
+        block = f.read(chunk)
+        if not block:
+            return True
+        if block.strip(b'\0'):
+            return False
+
+
+def write_index(shard, index):
+    """Write <shard>.index.json atomically; False when the folder is not writable."""
+    path = index_path(shard)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(index, f, separators=(',', ':'))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def load_index(shard):
+    """The index of a local shard: <shard>.index.json when it matches the shard's size, else a
+    scan (written beside the shard when the folder allows)."""
+    if not os.path.isfile(shard):
+        raise _data_error(f'shard not found: {shard}')
+    path = index_path(shard)
+    size = os.path.getsize(shard)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            if index.get('version') == INDEX_VERSION and index.get('shard_bytes') == size:
+                return index
+        except (OSError, ValueError):
+            pass
+    index = scan(shard)
+    if not write_index(shard, index):
+        logger.warning('cannot write %s: the shard will be scanned again next time', path)
+    return index
+
+
+# -------------------------------------------------------------------------------- the dataset
+
+def read_member(shard, offset, size):
+    with open(shard, 'rb') as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f'read {len(data)} of {size} bytes: the shard changed since it was indexed')
+    return data
+
+
+def decode_rgb(data):
+    """Image bytes -> upright 8-bit RGB PIL image (datasets.load_rgb's conversions)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return datasets._to_rgb(datasets._upright(img))
+
+
+class ShardDataset(datasets.ImageDataset):
+    """Samples of local tar shards -> (float32 image, int64 label, int64 sample id = the
+    sample's global position: shard order x member order).
+
+    sources: expand()'s list; need_labels: a sample without .cls is a bad sample (else its
+    label is IGNORE_LABEL); num_classes: labels must be below it; key_name: the config key, for
+    messages. The other arguments are ImageDataset's.
+    """
+
+    def __init__(self, sources, transform=None, need_labels=True, num_classes=None,
+                 on_bad_image='error', mark_skipped=False, key_name='DATA.TRAIN_SHARDS'):
+        piped = [s for s in sources if s.startswith('pipe:')]
+        if piped:
+            raise ConfigError(f'{key_name}: pipe: sources ({piped[0]!r}) are not supported yet: '
+                              f'copy the shards to a local or mounted folder and give their '
+                              f'path pattern')
+        self.shards = list(sources)
+        shard_of, offsets, sizes, labels, names, problems = [], [], [], [], [], {}
+        for s, shard in enumerate(self.shards):
+            for key, member, off, n, label, problem in load_index(shard)['samples']:
+                if problem is None and label is None and need_labels:
+                    problem = f'sample {key} has no {key}.cls member (the label)'
+                if problem is None and label is not None and num_classes is not None and \
+                        label >= num_classes:
+                    problem = (f'{key}.cls: label {label} is outside 0..{num_classes - 1} '
+                               f'(MODEL.NUM_CLASSES {num_classes})')
+                if problem:
+                    problems[len(offsets)] = problem
+                shard_of.append(s)
+                offsets.append(off)
+                sizes.append(n)
+                labels.append(datasets.IGNORE_LABEL if label is None or problem else label)
+                names.append(member or key)
+        if not offsets:
+            raise datasets.DataError(f'{key_name}: the shards ({self.shards[0]} ...) hold no '
+                                     f'samples')
+        if problems and on_bad_image == 'error':
+            i = min(problems)
+            raise datasets.DataError(
+                f'bad sample in shard {self.shards[shard_of[i]]}: {problems[i]}. Fix the shard, '
+                f'or set DATA.ON_BAD_IMAGE skip to skip bad samples')
+        self._shard_of = np.asarray(shard_of, np.int32)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._sizes = np.asarray(sizes, np.int64)
+        self._names = np.array([x.encode('utf-8') for x in names], dtype=np.bytes_)
+        self.problems = problems  # sample id -> what is wrong with it (few)
+        super().__init__([], labels, transform, on_bad_image, mark_skipped)
+
+    def __len__(self):
+        return len(self._offsets)
+
+    def member(self, index):
+        return self._names[index].decode('utf-8')
+
+    def path(self, index):
+        return f'{self.shards[self._shard_of[index]]}:{self.member(index)}'
+
+    def describe(self, index):
+        return f'shard {self.shards[self._shard_of[index]]} member {self.member(index)}'
+
+    def read_image(self, index):
+        problem = self.problems.get(int(index))
+        if problem:
+            raise OSError(problem)
+        return decode_rgb(read_member(self.shards[self._shard_of[index]],
+                                      int(self._offsets[index]), int(self._sizes[index])))
+
+
+# ------------------------------------------------------------------------------ streamed shards
+
+COUNTS_FILE = 'shard_counts.json'
+
+
+def counts_path(root):
+    """Where the sample counts of pipe: sources are kept: DATA_PATH/shard_counts.json, or the
+    user's cache folder when no DATA_PATH is set."""
+    if root:
+        return os.path.join(root, COUNTS_FILE)
+    return os.path.join(os.path.expanduser('~'), '.cache', 'mae_paddle', COUNTS_FILE)
+
+
+def open_source(source):
+    """-> (binary stream, subprocess or None): a local file, or the stdout of a pipe: command
+    (run by the shell, stderr kept in a temporary file for the message if it fails)."""
+    if not source.startswith('pipe:'):
+        return open(source, 'rb'), None
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(source[len('pipe:'):], shell=True, stdout=subprocess.PIPE,
+                            stderr=err, bufsize=1 << 20)
+    proc.err = err
+    return proc.stdout, proc
+
+
+def _close_source(f, proc, finished):
+    """Close the stream; a command that failed (after the stream ended) -> its problem text."""
+    f.close()
+    if proc is None:
+        return None
+    if not finished:
+        proc.kill()
+    code = proc.wait()
+    proc.err.seek(0)
+    tail = proc.err.read()[-300:].decode('utf-8', 'replace').strip().replace('\n', ' ')
+    proc.err.close()
+    if finished and code != 0:
+        return f'the command exited with code {code}' + (f': {tail}' if tail else '')
+    return None
+
+
+def stream_samples(source, read_images=True):
+    """The samples of one shard read front to back (tarfile's streaming mode: no seek, so a
+    pipe works): yields (key, image member or None, image bytes or None, label or None,
+    problem or None) in member order, grouped as scan() groups them. A tar that cannot be read
+    on ends the stream with one more item whose problem says where; a failed pipe: command
+    too."""
+    f, proc = open_source(source)
+    finished = False
+    group = None  # [key, image member, image bytes, cls text, has cls]
+
+    def emit(g):
+        key, member, data, cls_text = g
+        if member is None and cls_text is None:
+            return None  # metadata only: not a sample
+        problem, label = None, None
+        if member is None:
+            problem = f'sample {key} has {key}.cls but no image member'
+        elif cls_text is not None:
+            text = cls_text.decode('utf-8', 'replace').strip()
+            if re.fullmatch(r'\d+', text):
+                label = int(text)
+            else:
+                problem = f'member {key}.cls: the label {text[:20]!r} is not an integer >= 0'
+        return key, member, data, label, problem
+
+    try:
+        try:
+            with tarfile.open(fileobj=f, mode='r|') as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, ext = split_key(m.name)
+                    if group is None or group[0] != key:
+                        if group is not None:
+                            item = emit(group)
+                            if item:
+                                yield item
+                        group = [key, None, None, None]
+                    if ext in IMAGE_EXTS and group[1] is None:
+                        group[1] = m.name
+                        if read_images:
+                            group[2] = tar.extractfile(m).read()
+                    elif ext == 'cls':
+                        group[3] = tar.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            cut = f' in or after member {group[1] or group[0]}' if group else ''
+            yield f'<cut{cut}>', None, None, None, f'tar unreadable{cut} ({e})'
+            group = None
+        if group is not None:
+            item = emit(group)
+            if item:
+                yield item
+        finished = True
+    finally:
+        problem = _close_source(f, proc, finished)
+    if problem:
+        yield '<command>', None, None, None, problem
+
+
+def count_samples(source):
+    """Samples of a shard, counted by reading it once (images are not kept)."""
+    return sum(1 for _ in stream_samples(source, read_images=False))
+
+
+def source_counts(sources, root, log=logger.info):
+    """Sample count of each source, known before any epoch: a local shard's from its index
+    (load_index); a pipe: source's from counts_path(root), where sources not yet listed are
+    counted once by streaming them and added (written atomically)."""
+    path = counts_path(root)
+    known = {}
+    if any(s.startswith('pipe:') for s in sources) and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                known = json.load(f)
+        except (OSError, ValueError) as e:
+            raise _data_error(f'{path}: unreadable sample counts ({e}); delete it to count '
+                              f'again') from None
+    missing = [s for s in sources if s.startswith('pipe:') and s not in known]
+    if missing:
+        log(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
+        for s in missing:
+            known[s] = count_samples(s)
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(known, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    return [known[s] if s.startswith('pipe:') else len(load_index(s)['samples'])
+            for s in sources]
+
+
+class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
+    """Shards read front to back, for sources that cannot be seeked (pipe:COMMAND; see the
+    module's docstring): yields (float32 image, int64 label, int64 sample id = global position,
+    as ShardDataset's).
+
+    An epoch's plan, fixed before the epoch from the sample counts (source_counts):
+    - training: the shards in an order drawn from (seed, epoch), their samples laid end to
+      end; S = T // (R * B) batches per process (T samples, R processes, batch B; only the
+      last T - S*R*B < R*B samples of the order are dropped, as the batch size forces); process
+      r reads the contiguous range [r*S*B, (r+1)*S*B);
+    - evaluation: the shards in pattern order; process r reads [r*T//R, (r+1)*T//R), its
+      last batch short.
+    A process's batches j = 0, 1, ... are dealt to its W loader workers round robin (j % W),
+    the order in which Paddle's loader collects them; worker w reads the contiguous part of the
+    process's range that holds its batches (so every sample is read by one worker only, at
+    most one partial shard more per worker) and, in training, shuffles it through a buffer of
+    `shuffle_buffer` samples (RNG from (seed, epoch, rank, w)). Resuming at batch k rotates the
+    roles (loader worker p plays w = (p + k) % W) and each worker replays its stream up to its
+    first batch after k without decoding: the batches after k are those an uninterrupted run
+    gets, for the same R and W.
+    Bad samples: with on_bad_image 'error' a DataError naming the shard and the member; with
+    'skip' a bad sample (undecodable image, no .cls, a sample lost to a cut tar) is replaced by
+    the next readable one, keeps its id and is counted in num_skipped.
+    """
+
+    streamed = True
+
+    def __init__(self, sources, counts, transform=None, need_labels=True, num_classes=None,
+                 on_bad_image='error', mark_skipped=False, train=False, seed=0,
+                 shuffle_buffer=0, key_name='DATA.TRAIN_SHARDS'):
+        self._init_loader_side(transform, on_bad_image, mark_skipped)
+        self.sources = list(sources)
+        self.counts = np.asarray(counts, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        if not self.starts[-1]:
+            raise datasets.DataError(f'{key_name}: the shards ({self.sources[0]} ...) hold no '
+                                     f'samples')
+        self.need_labels, self.num_classes = need_labels, num_classes
+        self.train, self.seed, self.shuffle_buffer = train, seed, shuffle_buffer
+        self.key_name = key_name
+        self.batch_size, self.rank, self.nranks, self.num_workers = 1, 0, 1, 0
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def configure(self, batch_size, rank, nranks, num_workers):
+        self.batch_size, self.rank, self.nranks = batch_size, rank, nranks
+        self.num_workers = num_workers
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    # ------------------------------------------------------------------------------ the plan
+
+    def _rank_range(self):
+        """[first, last) positions of this process in the epoch's order."""
+        total, r, n = len(self), self.rank, self.nranks
+        if self.train:
+            per = total // (n * self.batch_size) * self.batch_size
+            return r * per, (r + 1) * per
+        return r * total // n, (r + 1) * total // n
+
+    def num_batches(self):
+        """Batches of this process per epoch (the loader's len)."""
+        lo, hi = self._rank_range()
+        return math.ceil((hi - lo) / self.batch_size)
+
+    def order(self):
+        """The epoch's shard order (training: drawn from (seed, epoch))."""
+        if self.train:
+            return utils.rng(self.seed, self.epoch, 'shards').permutation(len(self.sources))
+        return np.arange(len(self.sources))
+
+    def worker_plan(self, w, workers):
+        """(first, last) positions of worker role w of `workers`, and how many of its samples
+        are already consumed when the epoch starts at self.start_batch."""
+        lo, hi = self._rank_range()
+        nb, b = self.num_batches(), self.batch_size
+        counts = [len(range(v, nb, workers)) for v in range(workers)]
+        first = lo + sum(counts[:w]) * b
+        last = min(first + counts[w] * b, hi)
+        done = len(range(w, min(self.start_batch, nb), workers)) * b
+        return first, last, min(done, last - first)
+
+    # --------------------------------------------------------------------------- iteration
+
+    def _records(self, first, last):
+        """(sample id, shard, image member, bytes, label, problem) of positions [first, last)
+        of the epoch's order, in that order."""
+        pos = 0
+        for s in self.order():
+            n = int(self.counts[s])
+            if pos + n <= first:
+                pos += n
+                continue
+            if pos >= last:
+                break
+            skip, take = max(first - pos, 0), min(last, pos + n) - max(first, pos)
+            seen = 0
+            for i, (key, member, data, label, problem) in enumerate(
+                    stream_samples(self.sources[s], read_images=True)):
+                if i >= n:
+                    problem = (f'holds more samples than counted ({n}); delete its entry in '
+                               f'{COUNTS_FILE} (or its index) to count again')
+                    yield int(self.starts[s]) + n - 1, s, key, None, None, problem
+                    return
+                if i < skip:
+                    continue
+                if problem is None and label is None and self.need_labels:
+                    problem = f'sample {key} has no {key}.cls member (the label)'
+                if problem is None and label is not None and self.num_classes is not None \
+                        and label >= self.num_classes:
+                    problem = (f'{key}.cls: label {label} is outside 0..{self.num_classes - 1}'
+                               f' (MODEL.NUM_CLASSES {self.num_classes})')
+                yield int(self.starts[s]) + i, s, member or key, data, label, problem
+                seen += 1
+                if seen == take:
+                    break
+            for i in range(skip + seen, skip + take):  # the stream ended early: a cut tar
+                yield (int(self.starts[s]) + i, s, f'sample {i + 1} of {n}', None, None,
+                       f'the stream ended after {skip + seen} of {n} samples (a cut tar?)')
+            pos += n
+
+    def _shuffled(self, records, rng):
+        """Buffer shuffle (webdataset's): keep `shuffle_buffer` records, emit a random one as
+        each new one arrives."""
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from records
+            return
+        buf = []
+        for rec in records:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(rec)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], rec = rec, buf[i]
+            yield rec
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, rec):
+        sid, s, member, data, label, problem = rec
+        if problem:
+            raise OSError(problem)
+        return decode_rgb(data), datasets.IGNORE_LABEL if label is None else label
+
+    def _where(self, rec):
+        return f'shard {self.sources[rec[1]]} member {rec[2]}'
+
+    def _samples(self, records):
+        """Decoded, transformed samples; bad ones raised (error) or replaced by the next
+        readable one (skip), keeping their ids."""
+        pending, last = [], None
+        for rec in records:
+            try:
+                img, label = self._decode(rec)
+            except Exception as e:
+                if self.on_bad_image == 'error':
+                    raise datasets.BadImageError(
+                        f'bad sample in {self._where(rec)}: {datasets._reason(e)}. Fix the '
+                        f'shard, or set DATA.ON_BAD_IMAGE skip to skip bad samples') from None
+                self._count_skipped(self._where(rec), e)
+                pending.append(rec[0])
+                if len(pending) >= datasets.MAX_BAD_IN_A_ROW:
+                    raise datasets.DataError(f'{len(pending)} bad samples in a row, up to '
+                                             f'{self._where(rec)}') from None
+                continue
+            for sid in pending:  # replaced by this one
+                yield self._sample(img, datasets.IGNORE_LABEL if self.mark_skipped else label,
+                                   sid)
+            pending = []
+            last = (img, label)
+            yield self._sample(img, label, rec[0])
+        if pending:
+            if last is None:
+                raise datasets.DataError(f'no readable sample in {self.key_name} for this '
+                                         f'loader worker')
+            for sid in pending:
+                yield self._sample(last[0], datasets.IGNORE_LABEL if self.mark_skipped
+                                   else last[1], sid)
+
+    def _sample(self, img, label, sid):
+        return self._transformed(img, sid), np.int64(label), np.int64(sid)
+
+    def __iter__(self):
+        info = paddle.io.get_worker_info()
+        workers, p = (info.num_workers, info.id) if info is not None else (1, 0)
+        w = (p + self.start_batch) % workers
+        first, last, done = self.worker_plan(w, workers)
+        rng = utils.rng(self.seed, self.epoch, 'buffer', self.rank, w)
+        records = self._shuffled(self._records(first, last), rng)
+        for _ in range(done):  # resumed mid-epoch: replay without decoding
+            next(records)
+        try:
+            yield from self._samples(records)
+        except Exception as e:
+            self._record_error(e)  # (deferred: the loader raises it; this worker stops)
