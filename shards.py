@@ -452,24 +452,36 @@ def stream_samples(source, read_images=True):
                             group[2] = tar.extractfile(m).read()
                     elif ext == 'cls':
                         group[3] = tar.extractfile(m).read()
+            if group is not None:
+                item = emit(group)
+                if item:
+                    yield item
         except (tarfile.TarError, OSError, EOFError) as e:
-            cut = f' in or after member {group[1] or group[0]}' if group else ''
-            yield f'<cut{cut}>', None, None, None, f'tar unreadable{cut} ({e})'
-            group = None
-        if group is not None:
-            item = emit(group)
-            if item:
-                yield item
+            where = f' in or after member {group[1] or group[0]}' if group else ''
+            cut = (f'<cut{where}>', None, None, None, f'tar unreadable{where} ({e})')
+            while proc is not None and f.read(1 << 20):  # to the end: the command's exit code
+                pass
+        else:
+            cut = None
         finished = True
     finally:
-        problem = _close_source(f, proc, finished)
-    if problem:
-        yield '<command>', None, None, None, problem
+        failed = _close_source(f, proc, finished)
+    if failed:  # the command's failure explains a cut
+        yield '<command>', None, None, None, failed
+    elif cut:
+        yield cut
 
 
 def count_samples(source):
-    """Samples of a shard, counted by reading it once (images are not kept)."""
-    return sum(1 for _ in stream_samples(source, read_images=False))
+    """Samples of a shard, counted by reading it once (images are not kept); a cut tar's cut
+    counts as one sample, as in scan(). A source that is no tar at all, or whose command
+    fails, raises DataError."""
+    n = 0
+    for key, _, _, _, problem in stream_samples(source, read_images=False):
+        if key == '<command>' or (key.startswith('<cut') and not n):
+            raise _data_error(f'cannot count the samples of {source}: {problem}')
+        n += 1
+    return n
 
 
 def source_counts(sources, root, log=logger.info):
@@ -598,9 +610,12 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
             if pos >= last:
                 break
             skip, take = max(first - pos, 0), min(last, pos + n) - max(first, pos)
-            seen = 0
+            seen, failed = 0, None
             for i, (key, member, data, label, problem) in enumerate(
                     stream_samples(self.sources[s], read_images=True)):
+                if key == '<command>':
+                    failed = problem
+                    break
                 if i >= n:
                     problem = (f'holds more samples than counted ({n}); delete its entry in '
                                f'{COUNTS_FILE} (or its index) to count again')
@@ -620,7 +635,8 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                     break
             for i in range(skip + seen, skip + take):  # the stream ended early: a cut tar
                 yield (int(self.starts[s]) + i, s, f'sample {i + 1} of {n}', None, None,
-                       f'the stream ended after {skip + seen} of {n} samples (a cut tar?)')
+                       failed or f'the stream ended after {skip + seen} of {n} samples (a cut '
+                                 f'tar?)')
             pos += n
 
     def _shuffled(self, records, rng):

@@ -81,8 +81,8 @@ def test_shards_hold_exactly_the_list_samples(data):
 
 
 def _config(root, **keys):
-    return H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__BATCH_SIZE=4,
-                         DATA__BATCH_SIZE_EVAL=3, **keys)
+    return H.tiny_config('finetune', **{'DATA__DATA_PATH': root, 'DATA__BATCH_SIZE': 4,
+                                        'DATA__BATCH_SIZE_EVAL': 3, **keys})
 
 
 _PIXELS = {}  # sample id -> its training image in epoch 1, over both parametrisations
@@ -222,9 +222,41 @@ def test_eval_over_shards_equals_eval_over_lists(data, tmp_path):
     lists = evaluate()
     assert lists['n'] == 20
     assert evaluate('DATA.VAL_SHARDS', val) == lists
-    two = evaluate('DATA.VAL_SHARDS', val, nproc=2)
-    assert two['n'] == 20 and two['val_acc1'] == lists['val_acc1']
-    assert two['val_loss'] == pytest.approx(lists['val_loss'], rel=1e-5)
+    for source in (val, _piped(root, val)):  # seeked, streamed
+        two = evaluate('DATA.VAL_SHARDS', source, nproc=2)
+        assert two['n'] == 20 and two['val_acc1'] == lists['val_acc1']
+        assert two['val_loss'] == pytest.approx(lists['val_loss'], rel=1e-5)
+    assert evaluate('DATA.VAL_SHARDS', _piped(root, val), 'DATA.NUM_WORKERS', '2') == lists
+
+
+@pytest.mark.parametrize('kind', ['seek', 'pipe'])
+def test_kill_and_resume_over_shards_is_exact(data, tmp_path, kind):
+    """Pre-training over shards (masks and augmentation per sample id), 2 workers: kill -9
+    mid-epoch 1 + -resume auto ends with the parameters of an uninterrupted run."""
+    from test_train import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, \
+        params, run
+    root, train, _ = data
+    pattern = _piped(root, train) if kind == 'pipe' else train
+    opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
+                        'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1',
+                        'DATA.TRAIN_SHARDS', pattern, 'DATA.SHARD_SHUFFLE_BUFFER', '5']
+    args = ('-data_path', root, '-batch_size', '4')
+    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref,
+            opts=opts)
+    assert ' 7 iterations/epoch' in r.stdout + r.stderr  # 30 samples // 4
+    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
+           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
+           '-opts', *opts, 'REPORT_FREQ', '100']
+    kill_once_saved_mid_epoch_1(cmd, killed)
+    assert len(log_lines(killed)) < 3
+    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
+            '-resume', 'auto', opts=opts)
+    assert 'resumed from' in r.stdout
+    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
+                 params(os.path.join(killed, 'latest.pdparams')))
+    print(f'{kind} shards, resumed vs uninterrupted: max abs param diff {d:.2e}')
+    assert d < 1e-5
 
 
 # --------------------------------------------------------------------------------- bad shards
@@ -271,26 +303,26 @@ def _bad_shard(tmp_path, case):
 
 
 @pytest.mark.parametrize('case', ['truncated', 'undecodable', 'no_cls'])
-def test_bad_shards(tmp_path, case):
+@pytest.mark.parametrize('kind', ['seek', 'pipe'])
+def test_bad_shards(tmp_path, case, kind):
     good = _good(tmp_path)
     bad, member = _bad_shard(tmp_path, case)
-    sources = [good, bad]
-    cfg = _config(str(tmp_path), DATA__NUM_WORKERS=2)
+    piped = kind == 'pipe'
+    sources = [f'pipe:cat {s}' if piped else s for s in (good, bad)]
+    cfg = _config(str(tmp_path), DATA__NUM_WORKERS=2, DATA__VAL_SHARDS='::'.join(sources))
     # 'error': one line naming shard and member (at build time, or from the loader in the
-    # main thread for an image that does not decode)
+    # main thread: an image that does not decode; any problem of a streamed shard)
     with pytest.raises(datasets.DataError) as e:
-        ds = shards.ShardDataset(sources, transform=None, num_classes=10)
-        if case == 'undecodable':
-            import augment
-            ds.transform = augment.build_transform(False, cfg)
-            for _ in datasets.build_loader(cfg, ds, False, num_replicas=1, rank=0):
-                pass
+        ds = datasets.build_dataset(cfg, False)
+        for _ in datasets.build_loader(cfg, ds, False, num_replicas=1, rank=0):
+            pass
     message = str(e.value)
     assert '\n' not in message and bad in message and member in message, message
     # 'skip': the sample is left out and counted; evaluation counts the others once each
-    import augment
-    ds = shards.ShardDataset(sources, transform=augment.build_transform(False, cfg),
-                             num_classes=10, on_bad_image='skip', mark_skipped=True)
+    cfg.defrost()
+    cfg.DATA.ON_BAD_IMAGE = 'skip'
+    ds = datasets.build_dataset(cfg, False)
+    assert isinstance(ds, shards.ShardStream if piped else shards.ShardDataset)
     assert len(ds) == 6
     labels = []
     for b in datasets.build_loader(cfg, ds, False, num_replicas=1, rank=0):
@@ -298,7 +330,7 @@ def test_bad_shards(tmp_path, case):
     assert ds.num_skipped == 1
     assert sum(x != datasets.IGNORE_LABEL for x in labels) == 5
     # pre-training needs no labels: a sample without .cls is a sample
-    if case == 'no_cls':
+    if case == 'no_cls' and not piped:
         ds = shards.ShardDataset(sources, need_labels=False)
         assert ds[4][1] == datasets.IGNORE_LABEL and np.asarray(ds[4][0]).shape == (8, 8, 3)
 
@@ -316,3 +348,23 @@ def test_truncated_header_and_pipe_sources(tmp_path):
     assert len(ds) == 2 and ds.labels.tolist() == [0, datasets.IGNORE_LABEL]
     with pytest.raises(ConfigError, match='pipe: sources'):
         shards.ShardDataset(['pipe:cat x.tar'])
+
+
+def test_failing_pipe_command(tmp_path):
+    """A command that fails while counting or while training: one line with its exit code and
+    what it printed."""
+    good = _good(tmp_path)
+    missing = f'pipe:cat {tmp_path}/missing.tar'
+    with pytest.raises(datasets.DataError, match=r'missing\.tar: the command exited with code 1'
+                                                 r': cat: .*missing\.tar'):
+        shards.source_counts([missing], str(tmp_path))
+    # counted while the file was there, gone at training time
+    moved = str(tmp_path / 'moved.tar')
+    os.link(good, moved)
+    cfg = _config(str(tmp_path), DATA__TRAIN_SHARDS=f'pipe:cat {moved}', DATA__BATCH_SIZE=3)
+    ds = datasets.build_dataset(cfg, True)
+    os.remove(moved)
+    with pytest.raises(datasets.DataError) as e:
+        for _ in datasets.build_loader(cfg, ds, True, num_replicas=1, rank=0):
+            pass
+    assert 'moved.tar' in str(e.value) and 'exited with code 1' in str(e.value), str(e.value)
