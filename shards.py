@@ -1,54 +1,55 @@
-"""Tar shards in webdataset's layout (DATA.TRAIN_SHARDS / DATA.VAL_SHARDS), read as a map-style
-dataset through a per-shard offset index.
+"""Tar shards in webdataset's layout (DATA.TRAIN_SHARDS / DATA.VAL_SHARDS): local shards read
+as a map-style dataset through a per-shard offset index, pipe:COMMAND shards streamed.
 
 Layout: a shard is a plain (uncompressed) tar; members `<key>.<ext>` with ext one of jpg, jpeg,
 png, webp (the image, its original bytes) and `<key>.cls` (the label as decimal text);
 consecutive members with the same key make one sample, other members (.json, .txt, ...) are
-ignored. timm's imagenet-1k-wds shards and tools/make_shards.py's output both fit.
+ignored. timm's imagenet-1k-wds shards and tools/make_shards.py's output both fit. A sample id
+is the sample's global position (shard order of the expanded pattern x member order), stable
+across runs and the same for both readers: it seeds the sample's augmentation and its
+pre-training mask.
 
-Design: why an offset index and a map-style dataset, not a stream
------------------------------------------------------------------
-The loaders of datasets.py give guarantees that every data source must keep: the augmentation
-of a sample is seeded from (SEED, epoch, sample id) and its pre-training mask from (SEED, epoch,
-sample id); 1 and R processes see the same global batches (TrainBatchSampler: one permutation
-per epoch from (SEED, epoch), dealt r, r + R, ...); a run resumed mid-epoch continues with
-exactly the batches it would have had (set_epoch(epoch, start_batch)); evaluation counts each
-sample once for any number of processes (EvalBatchSampler); data errors are raised in the main
-thread as one line (ImageDataset's deferred errors). A streaming reader (webdataset's shard
-shuffle + buffer shuffle) keeps none of these exactly: its order depends on how shards are
-split over ranks x workers, resuming mid-epoch means replaying the stream, and webdataset
-takes rank / worker from torch or RANK/WORKER env variables that Paddle's launcher does not
-set (wids, its indexed reader, imports torch).
+Why two readers, and why not webdataset / wids
+----------------------------------------------
+The loaders of datasets.py guarantee: augmentation and masks seeded per sample; 1 and R
+processes see the same global batches (one permutation per epoch from (SEED, epoch)); a run
+resumed mid-epoch continues with exactly the batches it would have had; evaluation counts each
+sample once for any number of processes; data errors raised in the main thread as one line.
+webdataset's pipeline takes rank / worker from torch or from RANK / WORKER variables that
+Paddle's launcher does not set; wids, its indexed reader,
+imports torch. The standard library's tarfile is all either reader here needs.
 
-A local tar, though, can be read at random: each member's data is a contiguous byte range of
-the file. So each shard gets an index -- `<shard>.index.json` beside it, written by
-tools/make_shards.py, or built once by scanning the tar headers (tarfile, standard library; no
-image is decoded) when missing or stale (the shard's size differs) -- that lists its samples in
-member order: key, image member, data offset, data size, label. A sample id is the sample's
-global position (shard order of the expanded pattern x member order), stable across runs.
-ShardDataset is then an ImageDataset whose image bytes come from one seek + read: every sampler,
-loader, seed and error path of datasets.py applies unchanged.
+- Local shards (ShardDataset): each member's data is a contiguous byte range of the file, so
+  each shard gets an index -- `<shard>.index.json` beside it, written by tools/make_shards.py,
+  or built once by scanning the tar headers (no image decoded) when missing or stale (the
+  shard's size differs): key, image member, data offset, data size, label. ShardDataset is an
+  ImageDataset whose image bytes come from one pread on a descriptor kept open: every sampler,
+  seed and error path of datasets.py applies unchanged, with all the guarantees above.
+- pipe:COMMAND shards (ShardStream; e.g. `pipe:curl -s https://host/train-{0000..1023}.tar`,
+  or `pipe:cat` to stream local ones front to back): an iterable dataset. The epoch's shard
+  order is drawn from (SEED, epoch); each process reads one contiguous range of that order,
+  each loader worker one contiguous part of it, through a shuffle buffer
+  (DATA.SHARD_SHUFFLE_BUFFER). The epoch length is known beforehand from the sample counts,
+  counted once and kept in DATA_PATH/shard_counts.json (source_counts). Every sample is read
+  once per epoch; only what the batch size forces (< processes x batch) is dropped; evaluation
+  reads each sample once. Resuming mid-epoch replays each worker's stream up to where it was
+  without decoding, so it is exact for the same number of processes and workers. What it
+  gives up against the local reader: the global batches depend on the number of processes and
+  workers, and the shuffle is shard order + buffer, not a full permutation.
 
-Problems found while indexing (tar truncated inside a member or a header, sample without .cls
-when labels are needed, bad .cls text, key without an image) are recorded in the index as bad
-samples: with DATA.ON_BAD_IMAGE 'error' the dataset refuses to build, with one DataError line
-naming shard and member; with 'skip' such a sample keeps its id and is skipped and counted at
-load time exactly like an unreadable image of a list file (an undecodable image is found at
-load time in both modes, as for list files).
-
-A tar cut off inside a member or a header loses the samples after the cut (the index cannot
-know them); the cut itself counts as one bad sample. The index is trusted while the shard's size
-is unchanged: a shard rewritten in place to the same size needs its index deleted.
+Bad samples (a tar cut inside a member or a header, an undecodable image, a sample without
+.cls when labels are needed, bad .cls text, a label >= MODEL.NUM_CLASSES, a failing command):
+with DATA.ON_BAD_IMAGE 'error' one DataError line naming the shard and the member; with 'skip'
+the sample keeps its id and is replaced by a readable one and counted, like an unreadable image
+of a list file. A tar cut off inside a member or a header loses the samples after the cut; in
+the index the cut counts as one bad sample. The index is trusted while the shard's size is
+unchanged: a shard rewritten in place to the same size needs its index deleted.
 
 Config values: DATA.TRAIN_SHARDS / VAL_SHARDS go through YAML (-opts too), so a pattern that
 starts with '{' must be quoted twice (-opts DATA.TRAIN_SHARDS "'{a,b}-{0..9}.tar'"); several
 patterns can be joined with '::'.
-
-`pipe:COMMAND` sources (expand() understands them, braces included) cannot be seeked: reading
-them is not implemented -- building a dataset over them raises a ConfigError that says to copy
-the shards to a local or mounted file system (an iterable path would have to give up the exact
-global batches and mid-epoch resume above).
 """
+import collections
 import io
 import json
 import logging
@@ -283,13 +284,32 @@ def load_index(shard):
 
 # -------------------------------------------------------------------------------- the dataset
 
-def read_member(shard, offset, size):
-    with open(shard, 'rb') as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f'read {len(data)} of {size} bytes: the shard changed since it was indexed')
-    return data
+class OpenShards:
+    """Read byte ranges of shards through file descriptors kept open (os.pread: no shared file
+    position), at most `most` at a time, least recently used closed first. Descriptors belong
+    to the process that opened them: a forked loader worker opens its own. Keeping them open
+    is what makes a sample read cheaper than opening an image file."""
+
+    def __init__(self, most=64):
+        self.most, self._fds, self._pid = most, collections.OrderedDict(), None
+
+    def read(self, shard, offset, size):
+        if self._pid != os.getpid():  # (inherited descriptors are left to their owner)
+            self._fds, self._pid = collections.OrderedDict(), os.getpid()
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self.most:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(shard, os.O_RDONLY)
+        self._fds[shard] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f'read {len(data)} of {size} bytes: the shard changed since it was '
+                          f'indexed')
+        return data
+
+    def __getstate__(self):  # (a spawned worker starts with none open)
+        return {'most': self.most, '_fds': collections.OrderedDict(), '_pid': None}
 
 
 def decode_rgb(data):
@@ -345,6 +365,7 @@ class ShardDataset(datasets.ImageDataset):
         self._sizes = np.asarray(sizes, np.int64)
         self._names = np.array([x.encode('utf-8') for x in names], dtype=np.bytes_)
         self.problems = problems  # sample id -> what is wrong with it (few)
+        self._open = OpenShards()
         super().__init__([], labels, transform, on_bad_image, mark_skipped)
 
     def __len__(self):
@@ -363,7 +384,7 @@ class ShardDataset(datasets.ImageDataset):
         problem = self.problems.get(int(index))
         if problem:
             raise OSError(problem)
-        return decode_rgb(read_member(self.shards[self._shard_of[index]],
+        return decode_rgb(self._open.read(self.shards[self._shard_of[index]],
                                       int(self._offsets[index]), int(self._sizes[index])))
 
 

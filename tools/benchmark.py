@@ -8,6 +8,16 @@
     sample photographs of scikit-image when that is installed, else smooth synthetic images.
     A training process with DATA.NUM_WORKERS workers gets at most about NUM_WORKERS times this.
 
+    python tools/benchmark.py --data --shards -cfg configs/vit_base_patch16_224_finetune.yaml
+        [--images N] [--data-path DIR]
+    the same images through the training loader (reading + decoding + the training transform
+    + batching, DATA.BATCH_SIZE 16) from a list file, from local tar shards (seeked) and from
+    the same shards streamed (pipe:cat), each with the work in this process (NUM_WORKERS 0)
+    and in 1 and 2 worker processes; prints images/s of each and the ratios shards / list
+    file (one process) and 2 workers / 1 worker. Each pass is timed from its first batch on
+    (worker start-up left out); one untimed pass warms the file cache, then --rounds passes
+    of every kind in turn, the median reported. Shards of 100 images.
+
     python tools/benchmark.py -cfg configs/vit_base_patch16_224_pretrain.yaml --batch-size 8 --steps 4
     times K full training steps (forward, backward, optimizer) of the configured model on
     synthetic input after 2 warm-up steps: the task's training loss (tasks.py: the MAE loss for
@@ -59,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument('--images', type=int, default=400, help='--data: images timed')
     p.add_argument('--data-path', default=None,
                    help='--data: folder whose JPEG/PNG files are timed (default: generated)')
+    p.add_argument('--shards', action='store_true',
+                   help='--data: list file vs tar shards (seeked, streamed) through the '
+                        'training loader, 0 / 1 / 2 workers')
+    p.add_argument('--rounds', type=int, default=3,
+                   help='--data --shards: timed passes of each kind (the median is reported)')
     p.add_argument('--eval-transform', action='store_true',
                    help='--data: time the evaluation transform instead of the training one')
     p.add_argument('--reference', choices=['torch'], default=None,
@@ -183,6 +198,86 @@ def bench_data(config, args):
     return args.images / elapsed
 
 
+def bench_sources(config, args):
+    """--data --shards: images per second of one training epoch over the same images from a
+    list file, seeked shards and streamed shards, with 0 / 1 / 2 loader workers. -> the seeked
+    shards' rate in one process."""
+    import shards
+    import tasks
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_shards
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_path:
+            paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'),
+                                                recursive=True)
+                           if p.lower().endswith(datasets.IMG_EXTENSIONS))[:args.images]
+            if not paths:
+                raise datasets.DataError(f'no image files under {args.data_path}')
+            source = f'{len(paths)} images under {args.data_path}'
+        else:
+            paths, source = write_jpegs(tmp, count=args.images)
+        with open(os.path.join(tmp, 'train_list.txt'), 'w') as f:
+            f.writelines(f'{os.path.abspath(p)} {i % 10}\n' for i, p in enumerate(paths))
+        samples, _ = make_shards.read_source(tmp, 'train')
+        written, _ = make_shards.make_shards(samples, os.path.join(tmp, 'shards'), 'train',
+                                             samples_per_shard=100, log=lambda m: None)
+        pattern = make_shards.pattern_of(written, tmp)
+        kinds = {'list file': '', 'shards (seek)': pattern,
+                 'shards (pipe:cat)': 'pipe:cat ' + os.path.join(tmp, pattern)}
+        loaders = {}
+        for kind, shard_pattern in kinds.items():
+            for workers in (0, 1, 2):
+                cfg = config.clone()
+                cfg.defrost()
+                cfg.DATA.DATA_PATH, cfg.DATA.TRAIN_SHARDS = tmp, shard_pattern
+                cfg.DATA.NUM_WORKERS, cfg.DATA.BATCH_SIZE = workers, 16
+                cfg.MODEL.NUM_CLASSES, cfg.TRAIN.ITERS_PER_EPOCH = 10, 0
+                loaders[kind, workers] = datasets.build_loader(
+                    cfg, tasks.get_task(cfg).build_dataset(True), True, num_replicas=1, rank=0)
+        rates = {key: [] for key in loaders}
+        for epoch in range(args.rounds + 1):  # epoch 0: warm-up; rounds interleave the kinds
+            for key, loader in loaders.items():  # so that all see the machine's drift alike
+                loader.set_epoch(epoch)
+                count, start = 0, None
+                for batch in loader:
+                    if start is None:
+                        start = time.perf_counter()
+                    else:
+                        count += len(batch[2])
+                if epoch:
+                    rates[key].append(count / (time.perf_counter() - start))
+        rates = {key: float(np.median(r)) for key, r in rates.items()}
+        # reading alone (no decoding): where the kinds differ
+        seekable = shards.ShardDataset(shards.expand(pattern, tmp))
+        reads = {'list file': lambda: [open(p, 'rb').read() for p in paths],
+                 'shards (seek)': lambda: [seekable._open.read(seekable.shards[s], int(o),
+                                                               int(n))
+                                           for s, o, n in zip(seekable._shard_of,
+                                                              seekable._offsets,
+                                                              seekable._sizes)],
+                 'shards (pipe:cat)': lambda: [x for src in shards.expand(kinds['shards '
+                                                                               '(pipe:cat)'])
+                                               for x in shards.stream_samples(src)]}
+        for kind, read in reads.items():
+            times = []
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                read()
+                times.append(time.perf_counter() - start)
+            print(f'data: {kind:18s} bytes only: {len(paths) / np.median(times):9.0f} img/s')
+        for (kind, workers), rate in rates.items():
+            print(f'data: {kind:18s} {workers} worker(s): {rate:7.1f} img/s (median of '
+                  f'{args.rounds})')
+    print(f'data: {source}; training transform ({config.TRAIN.MODE}) -> '
+          f'{tuple(batch[0].shape[1:])}, batch 16')
+    for kind in list(kinds)[1:]:
+        print(f'ratio: {kind} / list file, one process: '
+              f'{rates[kind, 0] / rates["list file", 0]:.2f}x')
+    for kind in kinds:
+        print(f'ratio: {kind}, 2 workers / 1 worker: {rates[kind, 2] / rates[kind, 1]:.2f}x')
+    return rates['shards (seek)', 0]
+
+
 def _timed(step, batch, steps, warmup=2):
     for _ in range(warmup):
         step()
@@ -288,7 +383,9 @@ def main(argv=None):
             raise config_lib.ConfigError('--data times the image transforms of classification '
                                          'and pre-training configs, not the joint image + mask '
                                          'pipeline of a segmentation config')
-        if args.data:
+        if args.data and args.shards:
+            rate = bench_sources(config, args)
+        elif args.data:
             rate = bench_data(config, args)
         elif args.reference == 'torch':
             rate = bench_torch_reference(config, args)
