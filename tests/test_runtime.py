@@ -10,9 +10,10 @@ import numpy as np
 from conftest import ROOT
 
 MODULES = ['augment', 'checkpoint', 'config', 'cpu_kernels', 'datasets', 'engine', 'mixup',
-           'optim', 'runtime', 'tasks', 'transformer', 'utils']
-TOOLS = ['benchmark', 'export_model', 'inspect_recipe', 'make_demo_dataset', 'memory_estimate',
-         'predict', 'visualize']
+           'optim', 'runtime', 'seg_data', 'segmentation', 'shards', 'tasks', 'transformer',
+           'utils']
+TOOLS = ['benchmark', 'export_model', 'inspect_recipe', 'make_demo_dataset', 'make_shards',
+         'memory_estimate', 'predict', 'visualize']
 ENV_KEYS = ['OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MALLOC_MMAP_THRESHOLD_',
             'MALLOC_TRIM_THRESHOLD_', 'MAE_NO_REEXEC']
 

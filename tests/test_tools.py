@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,8 @@ def test_memory_estimate_counts_the_real_model():
     ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6'],
     ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6',
      '--reference', 'torch'],
+    ['--data', '--shards', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images',
+     '40', '--rounds', '1'],
     ['-cfg', 'configs/tiny_pretrain.yaml', '--batch-size', '4', '--steps', '1'],
     ['-cfg', 'configs/tiny_segmentation.yaml', '--batch-size', '2', '--steps', '1'],
     ['-cfg', 'configs/tiny_finetune.yaml', '--batch-size', '4', '--steps', '1',
@@ -200,6 +203,9 @@ def test_benchmark_modes_report_img_per_s(args):
     r = cli('benchmark.py', *args)
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith('img/s: ') and float(lines[-1].split()[1]) > 0
+    if '--shards' in args:  # 3 kinds x (bytes only, 0 / 1 / 2 workers), the 5 ratios
+        assert len(re.findall(r'^data: .* img/s', r.stdout, re.M)) == 12
+        assert len(re.findall(r'^ratio: .*: \d+\.\d\dx$', r.stdout, re.M)) == 5
     if '--data' in args:
         assert '-> (3, 224, 224)' in r.stdout
     else:
