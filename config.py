@@ -6,6 +6,7 @@ YAML 1.1 reads an exponent without a dot as a string). Mistakes raise ConfigErro
 file and the key.
 """
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -294,8 +295,17 @@ def from_text(text, where):
 
 def merge_opts(config, opts):
     """Apply ['KEY.SUB', 'VALUE', ...] overrides (values read as YAML, e.g. '[0.9,0.95]')."""
+    keyish = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
+    for i in range(0, len(opts), 2):
+        if not keyish.match(str(opts[i])):  # e.g. a value the shell split or brace-expanded
+            raise ConfigError(
+                f'-opts takes KEY VALUE pairs; {opts[i]!r} stands where a KEY should'
+                + (f' (after {opts[i - 2]} {opts[i - 1]!r})' if i else '')
+                + ': quote a value with spaces, braces or wildcards, e.g. '
+                  "DATA.TRAIN_SHARDS 'shards/train-{0000..0143}.tar'")
     if len(opts) % 2:
-        raise ConfigError(f'-opts takes KEY VALUE pairs; got an odd number of items: {opts}')
+        raise ConfigError(f'-opts takes KEY VALUE pairs; got an odd number of items: {opts} '
+                          f'(quote a value with spaces, braces or wildcards)')
     for key, raw in zip(opts[0::2], opts[1::2]):
         try:
             value = yaml.safe_load(raw) if isinstance(raw, str) else raw

@@ -57,6 +57,7 @@ import os
 import math
 import re
 import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -407,8 +408,11 @@ def open_source(source):
     if not source.startswith('pipe:'):
         return open(source, 'rb'), None
     err = tempfile.TemporaryFile()
+    # its own session: a Ctrl-C at the terminal stops the training process (which saves), not
+    # the command under a loader worker; and it dies with the process reading it (kill -9)
     proc = subprocess.Popen(source[len('pipe:'):], shell=True, stdout=subprocess.PIPE,
-                            stderr=err, bufsize=1 << 20)
+                            stderr=err, bufsize=1 << 20, start_new_session=True,
+                            preexec_fn=utils.die_with_parent)
     proc.err = err
     return proc.stdout, proc
 
@@ -505,7 +509,11 @@ def count_samples(source):
     return n
 
 
-def source_counts(sources, root, log=logger.info):
+def _stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def source_counts(sources, root, log=None):
     """Sample count of each source, known before any epoch: a local shard's from its index
     (load_index); a pipe: source's from counts_path(root), where sources not yet listed are
     counted once by streaming them and added (written atomically)."""
@@ -520,7 +528,7 @@ def source_counts(sources, root, log=logger.info):
                               f'again') from None
     missing = [s for s in sources if s.startswith('pipe:') and s not in known]
     if missing:
-        log(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
+        (log or _stderr)(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
         for s in missing:
             known[s] = count_samples(s)
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -637,12 +645,11 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                 if key == '<command>':
                     failed = problem
                     break
-                if i >= n:
-                    problem = (f'holds more samples than counted ({n}); delete its entry in '
-                               f'{COUNTS_FILE} (or its index) to count again')
-                    yield int(self.starts[s]) + n - 1, s, key, None, None, problem
-                    return
-                if i < skip:
+                if i >= n:  # the plan of the epoch is wrong: no skipping this
+                    raise datasets.DataError(
+                        f'shard {self.sources[s]} holds more samples than counted ({n}): '
+                        f'delete its entry in {COUNTS_FILE} to count it again')
+                if i < skip or seen == take:
                     continue
                 if problem is None and label is None and self.need_labels:
                     problem = f'sample {key} has no {key}.cls member (the label)'
@@ -652,7 +659,7 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                                f' (MODEL.NUM_CLASSES {self.num_classes})')
                 yield int(self.starts[s]) + i, s, member or key, data, label, problem
                 seen += 1
-                if seen == take:
+                if seen == take and skip + take < n:  # (to a shard's end: read on, to check)
                     break
             for i in range(skip + seen, skip + take):  # the stream ended early: a cut tar
                 yield (int(self.starts[s]) + i, s, f'sample {i + 1} of {n}', None, None,

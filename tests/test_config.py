@@ -164,6 +164,11 @@ def test_flags_and_opts():
         cfgmod.merge_opts(c, ['TRAIN.NOPE', '1'])
     with pytest.raises(cfgmod.ConfigError, match='odd number'):
         cfgmod.merge_opts(c, ['TRAIN.BASE_LR'])
+    # an unquoted brace pattern, expanded by the shell: the value standing for a key is named
+    with pytest.raises(cfgmod.ConfigError, match=r"'s/t-1\.tar' stands where a KEY should "
+                                                 r"\(after DATA\.TRAIN_SHARDS 's/t-0\.tar'\): "
+                                                 r"quote"):
+        cfgmod.merge_opts(c, ['DATA.TRAIN_SHARDS', 's/t-0.tar', 's/t-1.tar', 's/t-2.tar'])
 
 
 def test_dump_round_trip(tmp_path):

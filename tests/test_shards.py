@@ -368,3 +368,14 @@ def test_failing_pipe_command(tmp_path):
         for _ in datasets.build_loader(cfg, ds, True, num_replicas=1, rank=0):
             pass
     assert 'moved.tar' in str(e.value) and 'exited with code 1' in str(e.value), str(e.value)
+    # a count that is too small (the shard grew): the epoch's plan is wrong, stop
+    counts = os.path.join(str(tmp_path), shards.COUNTS_FILE)
+    with open(counts, 'w') as f:
+        json.dump({f'pipe:cat {good}': 2}, f)
+    cfg = _config(str(tmp_path), DATA__TRAIN_SHARDS=f'pipe:cat {good}', DATA__BATCH_SIZE=2,
+                  DATA__ON_BAD_IMAGE='skip')
+    with pytest.raises(datasets.DataError, match=r'good\.tar holds more samples than counted '
+                                                 r'\(2\): delete its entry in shard_counts'):
+        for _ in datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True,
+                                       num_replicas=1, rank=0):
+            pass

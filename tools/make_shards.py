@@ -166,7 +166,7 @@ def main(argv=None):
                                        args.samples_per_shard, args.max_mb,
                                        log=lambda m: None)
         note = f' ({converted} converted to PNG)' if converted else ''
-        print(f'{len(samples)} samples of {source} -> {len(paths)} shards in {out}{note}',
+        print(f'{len(samples)} samples of {source} -> {len(paths)} shard(s) in {out}{note}',
               file=sys.stderr)
         key = 'DATA.TRAIN_SHARDS' if args.split == 'train' else 'DATA.VAL_SHARDS'
         print(f"-opts {key} '{pattern_of(paths, args.data_path)}'")
