@@ -482,8 +482,8 @@ def stream_samples(source, read_images=True):
                 if item:
                     yield item
         except (tarfile.TarError, OSError, EOFError) as e:
-            where = f' in or after member {group[1] or group[0]}' if group else ''
-            cut = (f'<cut{where}>', None, None, None, f'tar unreadable{where} ({e})')
+            where = (group[1] or group[0]) if group else '<start>'
+            cut = (where, None, None, None, f'the tar is cut or unreadable here ({e})')
             while proc is not None and f.read(1 << 20):  # to the end: the command's exit code
                 pass
         else:
@@ -503,7 +503,7 @@ def count_samples(source):
     fails, raises DataError."""
     n = 0
     for key, _, _, _, problem in stream_samples(source, read_images=False):
-        if key == '<command>' or (key.startswith('<cut') and not n):
+        if key == '<command>' or (key == '<start>' and problem):
             raise _data_error(f'cannot count the samples of {source}: {problem}')
         n += 1
     return n
@@ -538,6 +538,10 @@ def source_counts(sources, root, log=None):
         os.replace(tmp, path)
     return [known[s] if s.startswith('pipe:') else len(load_index(s)['samples'])
             for s in sources]
+
+
+class _Bad(Exception):
+    """A problem found while reading a streamed shard (its text is the message)."""
 
 
 class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
@@ -685,9 +689,11 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
         yield from buf
 
     def _decode(self, rec):
+        """-> (image, label); raises _Bad with the problem found while reading, or what
+        decoding raises."""
         sid, s, member, data, label, problem = rec
         if problem:
-            raise OSError(problem)
+            raise _Bad(problem)
         return decode_rgb(data), datasets.IGNORE_LABEL if label is None else label
 
     def _where(self, rec):
@@ -702,9 +708,10 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                 img, label = self._decode(rec)
             except Exception as e:
                 if self.on_bad_image == 'error':
+                    reason = str(e) if isinstance(e, _Bad) else datasets._reason(e)
                     raise datasets.BadImageError(
-                        f'bad sample in {self._where(rec)}: {datasets._reason(e)}. Fix the '
-                        f'shard, or set DATA.ON_BAD_IMAGE skip to skip bad samples') from None
+                        f'bad sample in {self._where(rec)}: {reason}. Fix the shard, or set '
+                        f'DATA.ON_BAD_IMAGE skip to skip bad samples') from None
                 self._count_skipped(self._where(rec), e)
                 pending.append(rec[0])
                 if len(pending) >= datasets.MAX_BAD_IN_A_ROW:
