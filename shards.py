@@ -742,9 +742,9 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
         first, last, done = self.worker_plan(w, workers)
         rng = utils.rng(self.seed, self.epoch, 'buffer', self.rank, w)
         records = self._shuffled(self._records(first, last), rng)
-        for _ in range(done):  # resumed mid-epoch: replay without decoding
-            next(records)
         try:
+            for _ in range(done):  # resumed mid-epoch: replay without decoding
+                next(records)
             yield from self._samples(records)
         except Exception as e:
             self._record_error(e)  # (deferred: the loader raises it; this worker stops)
