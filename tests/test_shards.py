@@ -358,6 +358,15 @@ def test_failing_pipe_command(tmp_path):
     with pytest.raises(datasets.DataError, match=r'missing\.tar: the command exited with code 1'
                                                  r': cat: .*missing\.tar'):
         shards.source_counts([missing], str(tmp_path))
+    # counted ahead by the tool (and its error: one line, exit 2)
+    tool = [sys.executable, os.path.join(ROOT, 'tools', 'make_shards.py'), '--data-path',
+            str(tmp_path), '--count']
+    r = subprocess.run(tool + [f'pipe:cat {good}'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith('3 samples in 1 shard(s)'), r.stderr
+    with open(os.path.join(str(tmp_path), shards.COUNTS_FILE)) as f:
+        assert json.load(f) == {f'pipe:cat {good}': 3}
+    r = subprocess.run(tool + [missing], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count('\n') <= 2 and 'exited with code 1' in r.stderr
     # counted while the file was there, gone at training time
     moved = str(tmp_path / 'moved.tar')
     os.link(good, moved)

@@ -14,6 +14,11 @@ is line i of the list. Each sample is `<key>.<ext>` with the image file's origin
 jpeg, png, webp; other formats are converted to PNG without loss) and `<key>.cls` with the label
 (none for an unlabelled line). A shard closes after --samples-per-shard samples or before it
 would pass --max-mb MB. Beside each `<prefix>-NNNN.tar` goes `<prefix>-NNNN.tar.index.json`.
+
+    python tools/make_shards.py --data-path /data/in1k --count 'pipe:curl -s https://host/train-{0000..1023}.tar'
+
+counts the samples of streamed shards once (a full read) into DATA_PATH/shard_counts.json, which
+the training scripts read; without it the first run counts, in each of its processes.
 """
 import argparse
 import io
@@ -154,12 +159,25 @@ def main(argv=None):
     p.add_argument('--prefix', default=None, help='shard name prefix (default: the split)')
     p.add_argument('--samples-per-shard', type=int, default=0)
     p.add_argument('--max-mb', type=float, default=0.0)
+    p.add_argument('--count', default=None, metavar='PATTERN',
+                   help='write nothing but the sample counts of streamed shards '
+                        "('pipe:curl -s https://host/train-{0000..1023}.tar') to "
+                        'DATA_PATH/shard_counts.json, once, before a multi-process run')
     args = p.parse_args(argv)
     if args.samples_per_shard <= 0 and args.max_mb <= 0:
         args.samples_per_shard = 1000
     import utils
 
+    def count():
+        import shards
+        sources = shards.expand(args.count, args.data_path)
+        counts = shards.source_counts(sources, args.data_path)
+        print(f'{sum(counts)} samples in {len(sources)} shard(s); counts in '
+              f'{shards.counts_path(args.data_path)}')
+
     def run():
+        if args.count:
+            return count()
         samples, source = read_source(args.data_path, args.split, args.list)
         out = args.out or os.path.join(args.data_path, 'shards')
         paths, converted = make_shards(samples, out, args.prefix or args.split,
