@@ -184,11 +184,20 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'{len(train_loader)} iterations/epoch')
 
     meta = checkpoint.run_meta(config, getattr(train_loader.dataset, 'classes', None))
+    # a streamed data source (shards.ShardStream) plans each epoch for its processes x workers:
+    # a mid-epoch resume under another plan cannot continue that epoch exactly
+    plan = getattr(train_loader.dataset, 'plan', None)
+    plan = list(plan()) if plan else None
+    if resumed and start_iter and plan and resumed.get('data_plan') not in (None, plan):
+        logger.info(f'warning: epoch {start_epoch} began with (processes, loader workers, '
+                    f'batch) = {tuple(resumed["data_plan"])} over streamed shards and goes on '
+                    f'with {tuple(plan)}: the rest of it is planned anew, so some of its samples'
+                    f' may be seen twice or not at all (later epochs are not affected)')
 
     def save(epoch, next_iter, copies=()):
         checkpoint.save_checkpoint(config.OUTPUT, net, optimizer,
                                    {'epoch': epoch, 'iter': next_iter, 'best': best['value'],
-                                    'best_epoch': best['epoch'],
+                                    'best_epoch': best['epoch'], 'data_plan': plan,
                                     'best_metric': task.best_metric}, scaler, copies, meta)
 
     with StopRequests() as stop:

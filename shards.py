@@ -597,6 +597,11 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
+    def plan(self):
+        """What an epoch's plan depends on besides (seed, epoch): (processes, loader workers,
+        batch); saved with checkpoints, compared on resume (engine.fit)."""
+        return self.nranks, self.num_workers, self.batch_size
+
     # ------------------------------------------------------------------------------ the plan
 
     def _rank_range(self):

@@ -3,6 +3,8 @@ as the list files, the loaders' guarantees over 1 / 2 ranks x 0 / 2 workers, bad
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -250,9 +252,18 @@ def test_kill_and_resume_over_shards_is_exact(data, tmp_path, kind):
            '-opts', *opts, 'REPORT_FREQ', '100']
     kill_once_saved_mid_epoch_1(cmd, killed)
     assert len(log_lines(killed)) < 3
+    if kind == 'pipe':  # resumed under another plan (no workers): said, not silent
+        other = str(tmp_path / 'other')
+        shutil.copytree(killed, other)
+        r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', other,
+                '-resume', 'auto', opts=opts + ['DATA.NUM_WORKERS', '0'])
+        assert re.search(r'warning: epoch 1 began with \(processes, loader workers, batch\) = '
+                         r'\(1, 2, 4\) over streamed shards and goes on with \(1, 0, 4\)',
+                         r.stdout + r.stderr), r.stdout
     r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
             '-resume', 'auto', opts=opts)
-    assert 'resumed from' in r.stdout
+    assert re.search(r'resumed from .*: epoch 1, iteration [1-9]', r.stdout), r.stdout
+    assert 'planned anew' not in r.stdout + r.stderr
     d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
                  params(os.path.join(killed, 'latest.pdparams')))
     print(f'{kind} shards, resumed vs uninterrupted: max abs param diff {d:.2e}')

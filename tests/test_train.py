@@ -169,7 +169,7 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
     assert len(log_lines(killed)) < 3
     r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
             '-resume', 'auto', opts=opts)
-    assert 'resumed from' in r.stdout
+    assert re.search(r'resumed from .*: epoch 1, iteration [1-9]', r.stdout), r.stdout  # mid-epoch
     d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
                  params(os.path.join(killed, 'latest.pdparams')))
     print(f'resumed vs uninterrupted: max abs param diff {d:.2e}')
@@ -180,21 +180,28 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
 
 def kill_once_saved_mid_epoch_1(cmd, out):
     """Run cmd and kill -9 it (with its loader workers) once it has saved mid-way through
-    epoch 1: epoch_0.pdparams and an iteration checkpoint after it (previous.pdopt)."""
+    epoch 1: an iteration checkpoint after epoch_0's (the save moves the pair before it to
+    previous.*, so previous.pdparams is epoch_0.pdparams), and no epoch_1.pdparams yet."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
+    epoch_0, previous = (os.path.join(out, f'{name}.pdparams') for name in ('epoch_0',
+                                                                            'previous'))
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(os.path.join(out, 'epoch_0.pdparams')) and \
-                    os.path.exists(os.path.join(out, 'previous.pdopt')):
-                time.sleep(0.3)
-                break
-            time.sleep(0.05)
+            try:
+                if os.path.samefile(previous, epoch_0) and \
+                        not os.path.samefile(os.path.join(out, 'latest.pdparams'), epoch_0):
+                    time.sleep(0.05)  # (the .pdopt is renamed just after the .pdparams)
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
         assert proc.poll() is None, 'the run ended before it could be killed'
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert not os.path.exists(os.path.join(out, 'epoch_1.pdparams')), 'killed too late'
 
 
 @functools.lru_cache(maxsize=None)
