@@ -82,8 +82,13 @@ def load_rgb(path):
     exception (OSError, ValueError, ...) for a missing, truncated or non-image file.
     """
     with open(path, 'rb') as f:
-        img = Image.open(f)
-        img.load()  # decode now, so a truncated file fails here and the file can be closed
+        return decode_image(f)
+
+
+def decode_image(f):
+    """load_rgb's reading and conversions from an open binary file (or io.BytesIO)."""
+    img = Image.open(f)
+    img.load()  # decode now, so a truncated file fails here and the file can be closed
     return _to_rgb(_upright(img))
 
 
@@ -413,7 +418,7 @@ def build_dataset(config, is_train, transform=None):
     MODEL.NUM_CLASSES."""
     d = config.DATA
     shards_key = 'TRAIN_SHARDS' if is_train else 'VAL_SHARDS'
-    pattern = d.get(shards_key, '')
+    pattern = d[shards_key]
     if d.DATA_PATH and not os.path.isdir(d.DATA_PATH):
         raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
     if not pattern and not d.DATA_PATH:

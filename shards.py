@@ -63,7 +63,6 @@ import tempfile
 
 import numpy as np
 import paddle
-from PIL import Image
 
 import datasets
 import utils
@@ -167,6 +166,40 @@ def index_path(shard):
     return shard + INDEX_SUFFIX
 
 
+def sample_of(key, exts, cls_bytes):
+    """The one rule (index and stream) from a key's members to a sample: exts, the extensions
+    present; cls_bytes, the .cls member's content (None: none). -> None when the members make
+    no sample (metadata only), else (image extension or None, label or None, problem or None).
+    Of several image members the first of IMAGE_EXTS is the image."""
+    ext = next((e for e in IMAGE_EXTS if e in exts), None)
+    if ext is None and 'cls' not in exts:
+        return None
+    if ext is None:
+        return None, None, f'sample {key} has {key}.cls but no image member ' \
+                           f'(.{", .".join(IMAGE_EXTS)})'
+    if cls_bytes is None:
+        return ext, None, None
+    text = cls_bytes.decode('utf-8', 'replace').strip()
+    if re.fullmatch(r'\d+', text):
+        return ext, int(text), None
+    return ext, None, f'member {key}.cls: the label {text[:20]!r} is not an integer >= 0'
+
+
+def label_problem(key, label, need_labels, num_classes):
+    """What is wrong with a sample's label for the task (None: nothing)."""
+    if label is None:
+        return f'sample {key} has no {key}.cls member (the label)' if need_labels else None
+    if num_classes is not None and label >= num_classes:
+        return (f'{key}.cls: label {label} is outside 0..{num_classes - 1} '
+                f'(MODEL.NUM_CLASSES {num_classes})')
+    return None
+
+
+def bad_sample_message(where, reason):
+    return (f'bad sample in {where}: {reason}. Fix the shard, or set DATA.ON_BAD_IMAGE skip to '
+            f'skip bad samples')
+
+
 def scan(shard):
     """Index a local tar by reading its headers and .cls members (no image is decoded):
     {'version', 'shard_bytes', 'samples': [[key, image member or null, data offset, data size,
@@ -208,28 +241,22 @@ def scan(shard):
             elif end + 1024 > size and groups:
                 tail_problem = f'tar truncated after byte {end} (no end-of-archive blocks)'
         for key, members in groups:
-            problem, label = None, None
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            image = members.get(ext)
             if '_cut' in members:
                 name, off, n = members['_cut']
-                problem = f'tar truncated inside member {name} ({n} bytes at byte {off}, ' \
-                          f'the file has {size})'
-            elif image is None and 'cls' not in members:
+                samples.append([key, None, 0, 0, None,
+                                f'tar truncated inside member {name} ({n} bytes at byte {off}, '
+                                f'the file has {size})'])
+                continue
+            cls_bytes = None
+            if 'cls' in members:
+                f.seek(members['cls'][1])
+                cls_bytes = f.read(members['cls'][2])
+            sample = sample_of(key, members, cls_bytes)
+            if sample is None:
                 continue  # members of no sample (metadata): ignored
-            elif image is None:
-                problem = f'sample {key} has {key}.cls but no image member ' \
-                          f'(.{", .".join(IMAGE_EXTS)})'
-            elif 'cls' in members:
-                name, off, n = members['cls']
-                f.seek(off)
-                text = f.read(n).decode('utf-8', 'replace').strip()
-                if re.fullmatch(r'\d+', text):
-                    label = int(text)
-                else:
-                    problem = f'member {name}: the label {text[:20]!r} is not an integer >= 0'
-            samples.append([key, image[0] if image else None, image[1] if image else 0,
-                            image[2] if image else 0, label, problem])
+            ext, label, problem = sample
+            image = members[ext] if ext else (None, 0, 0)
+            samples.append([key, *image, label, problem])
     if tail_problem:
         samples.append([f'<after byte {end}>', None, 0, 0, None, tail_problem])
     return {'version': INDEX_VERSION, 'shard_bytes': size, 'samples': samples}
@@ -245,13 +272,14 @@ def _all_zero(f, chunk=1 << 20):
             return False
 
 
-def write_index(shard, index):
-    """Write <shard>.index.json atomically; False when the folder is not writable."""
-    path = index_path(shard)
+def write_json(path, obj):
+    """Write obj as JSON to path under a temporary name, then rename (several processes may
+    write the same file); False, and nothing left behind, when the folder is not writable."""
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         with open(tmp, 'w') as f:
-            json.dump(index, f, separators=(',', ':'))
+            json.dump(obj, f, separators=(',', ':'))
         os.replace(tmp, path)
         return True
     except OSError:
@@ -260,6 +288,11 @@ def write_index(shard, index):
         except OSError:
             pass
         return False
+
+
+def write_index(shard, index):
+    """Write <shard>.index.json; False when the folder is not writable."""
+    return write_json(index_path(shard), index)
 
 
 def load_index(shard):
@@ -313,13 +346,6 @@ class OpenShards:
         return {'most': self.most, '_fds': collections.OrderedDict(), '_pid': None}
 
 
-def decode_rgb(data):
-    """Image bytes -> upright 8-bit RGB PIL image (datasets.load_rgb's conversions)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return datasets._to_rgb(datasets._upright(img))
-
-
 class ShardDataset(datasets.ImageDataset):
     """Samples of local tar shards -> (float32 image, int64 label, int64 sample id = the
     sample's global position: shard order x member order).
@@ -333,19 +359,13 @@ class ShardDataset(datasets.ImageDataset):
                  on_bad_image='error', mark_skipped=False, key_name='DATA.TRAIN_SHARDS'):
         piped = [s for s in sources if s.startswith('pipe:')]
         if piped:
-            raise ConfigError(f'{key_name}: pipe: sources ({piped[0]!r}) are not supported yet: '
-                              f'copy the shards to a local or mounted folder and give their '
-                              f'path pattern')
+            raise ConfigError(f'{key_name}: pipe: sources ({piped[0]!r}) cannot be seeked: '
+                              f'ShardStream streams them (datasets.build_dataset chooses)')
         self.shards = list(sources)
         shard_of, offsets, sizes, labels, names, problems = [], [], [], [], [], {}
         for s, shard in enumerate(self.shards):
             for key, member, off, n, label, problem in load_index(shard)['samples']:
-                if problem is None and label is None and need_labels:
-                    problem = f'sample {key} has no {key}.cls member (the label)'
-                if problem is None and label is not None and num_classes is not None and \
-                        label >= num_classes:
-                    problem = (f'{key}.cls: label {label} is outside 0..{num_classes - 1} '
-                               f'(MODEL.NUM_CLASSES {num_classes})')
+                problem = problem or label_problem(key, label, need_labels, num_classes)
                 if problem:
                     problems[len(offsets)] = problem
                 shard_of.append(s)
@@ -358,9 +378,8 @@ class ShardDataset(datasets.ImageDataset):
                                      f'samples')
         if problems and on_bad_image == 'error':
             i = min(problems)
-            raise datasets.DataError(
-                f'bad sample in shard {self.shards[shard_of[i]]}: {problems[i]}. Fix the shard, '
-                f'or set DATA.ON_BAD_IMAGE skip to skip bad samples')
+            raise datasets.DataError(bad_sample_message(f'shard {self.shards[shard_of[i]]}',
+                                                        problems[i]))
         self._shard_of = np.asarray(shard_of, np.int32)
         self._offsets = np.asarray(offsets, np.int64)
         self._sizes = np.asarray(sizes, np.int64)
@@ -381,12 +400,16 @@ class ShardDataset(datasets.ImageDataset):
     def describe(self, index):
         return f'shard {self.shards[self._shard_of[index]]} member {self.member(index)}'
 
+    def read_bytes(self, index):
+        """Sample `index`'s image member, as stored."""
+        return self._open.read(self.shards[self._shard_of[index]], int(self._offsets[index]),
+                               int(self._sizes[index]))
+
     def read_image(self, index):
         problem = self.problems.get(int(index))
         if problem:
             raise OSError(problem)
-        return decode_rgb(self._open.read(self.shards[self._shard_of[index]],
-                                      int(self._offsets[index]), int(self._sizes[index])))
+        return datasets.decode_image(io.BytesIO(self.read_bytes(index)))
 
 
 # ------------------------------------------------------------------------------ streamed shards
@@ -441,22 +464,16 @@ def stream_samples(source, read_images=True):
     too."""
     f, proc = open_source(source)
     finished = False
-    group = None  # [key, image member, image bytes, cls text, has cls]
+    group = None  # [key, {ext: (member name, bytes or None)}], the current key's members
 
     def emit(g):
-        key, member, data, cls_text = g
-        if member is None and cls_text is None:
-            return None  # metadata only: not a sample
-        problem, label = None, None
-        if member is None:
-            problem = f'sample {key} has {key}.cls but no image member'
-        elif cls_text is not None:
-            text = cls_text.decode('utf-8', 'replace').strip()
-            if re.fullmatch(r'\d+', text):
-                label = int(text)
-            else:
-                problem = f'member {key}.cls: the label {text[:20]!r} is not an integer >= 0'
-        return key, member, data, label, problem
+        key, members = g
+        sample = sample_of(key, members, members.get('cls', (None, None))[1])
+        if sample is None:
+            return None
+        ext, label, problem = sample
+        name, data = members[ext] if ext else (None, None)
+        return key, name, data, label, problem
 
     try:
         try:
@@ -470,19 +487,18 @@ def stream_samples(source, read_images=True):
                             item = emit(group)
                             if item:
                                 yield item
-                        group = [key, None, None, None]
-                    if ext in IMAGE_EXTS and group[1] is None:
-                        group[1] = m.name
-                        if read_images:
-                            group[2] = tar.extractfile(m).read()
-                    elif ext == 'cls':
-                        group[3] = tar.extractfile(m).read()
+                        group = [key, {}]
+                    if ext not in group[1] and (ext in IMAGE_EXTS or ext == 'cls'):
+                        group[1][ext] = (m.name, None)  # (named first: a cut names it)
+                        if ext == 'cls' or read_images:
+                            group[1][ext] = (m.name, tar.extractfile(m).read())
             if group is not None:
                 item = emit(group)
                 if item:
                     yield item
         except (tarfile.TarError, OSError, EOFError) as e:
-            where = (group[1] or group[0]) if group else '<start>'
+            where = '<start>' if group is None else \
+                list(group[1].values())[-1][0] if group[1] else group[0]
             cut = (where, None, None, None, f'the tar is cut or unreadable here ({e})')
             while proc is not None and f.read(1 << 20):  # to the end: the command's exit code
                 pass
@@ -531,11 +547,8 @@ def source_counts(sources, root, log=None):
         (log or _stderr)(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
         for s in missing:
             known[s] = count_samples(s)
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        tmp = f'{path}.{os.getpid()}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(known, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        if not write_json(path, known):
+            (log or _stderr)(f'cannot write {path}: the shards will be counted again next time')
     return [known[s] if s.startswith('pipe:') else len(load_index(s)['samples'])
             for s in sources]
 
@@ -660,12 +673,8 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                         f'delete its entry in {COUNTS_FILE} to count it again')
                 if i < skip or seen == take:
                     continue
-                if problem is None and label is None and self.need_labels:
-                    problem = f'sample {key} has no {key}.cls member (the label)'
-                if problem is None and label is not None and self.num_classes is not None \
-                        and label >= self.num_classes:
-                    problem = (f'{key}.cls: label {label} is outside 0..{self.num_classes - 1}'
-                               f' (MODEL.NUM_CLASSES {self.num_classes})')
+                problem = problem or label_problem(key, label, self.need_labels,
+                                                   self.num_classes)
                 yield int(self.starts[s]) + i, s, member or key, data, label, problem
                 seen += 1
                 if seen == take and skip + take < n:  # (to a shard's end: read on, to check)
@@ -699,7 +708,8 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
         sid, s, member, data, label, problem = rec
         if problem:
             raise _Bad(problem)
-        return decode_rgb(data), datasets.IGNORE_LABEL if label is None else label
+        return (datasets.decode_image(io.BytesIO(data)),
+                datasets.IGNORE_LABEL if label is None else label)
 
     def _where(self, rec):
         return f'shard {self.sources[rec[1]]} member {rec[2]}'
@@ -714,9 +724,8 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
             except Exception as e:
                 if self.on_bad_image == 'error':
                     reason = str(e) if isinstance(e, _Bad) else datasets._reason(e)
-                    raise datasets.BadImageError(
-                        f'bad sample in {self._where(rec)}: {reason}. Fix the shard, or set '
-                        f'DATA.ON_BAD_IMAGE skip to skip bad samples') from None
+                    raise datasets.BadImageError(bad_sample_message(self._where(rec),
+                                                                    reason)) from None
                 self._count_skipped(self._where(rec), e)
                 pending.append(rec[0])
                 if len(pending) >= datasets.MAX_BAD_IN_A_ROW:

@@ -228,7 +228,7 @@ class Segmentation(Task):
 
     def build_dataset(self, is_train):
         import seg_data
-        if self.config.DATA.get('TRAIN_SHARDS') or self.config.DATA.get('VAL_SHARDS'):
+        if self.config.DATA.TRAIN_SHARDS or self.config.DATA.VAL_SHARDS:
             raise ConfigError('DATA.TRAIN_SHARDS / VAL_SHARDS (tar shards) hold classification '
                               'samples; segmentation reads ADE20K folders or PaddleSeg lists')
         dataset = seg_data.build_dataset(self.config, is_train)

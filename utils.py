@@ -283,7 +283,7 @@ def setup(stage, argv=None, can_eval=True):
         raise UserError(f'{args.cfg or args.pretrained}: TRAIN.MODE is {config.TRAIN.MODE!r} '
                         f'but this script is '
                         f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
-    shards = config.DATA.get('TRAIN_SHARDS') or config.DATA.get('VAL_SHARDS')
+    shards = config.DATA.TRAIN_SHARDS or config.DATA.VAL_SHARDS
     if not config.DATA.DATA_PATH and not shards:  # (shards: datasets.build_dataset checks)
         raise UserError('no data: give -data_path DIR (with train_list.txt / val_list.txt or '
                         'class sub-folders)')

@@ -154,6 +154,18 @@ def timm_train_transform(config):
     return transform, load
 
 
+def timed_images(args, tmp, count=None):
+    """-> (image paths, description): the files under --data-path (the first `count`), else
+    JPEGs written to tmp (write_jpegs; `count` of them, or its default)."""
+    if not args.data_path:
+        return write_jpegs(tmp) if count is None else write_jpegs(tmp, count=count)
+    paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'), recursive=True)
+                   if p.lower().endswith(datasets.IMG_EXTENSIONS))[:count]
+    if not paths:
+        raise datasets.DataError(f'no image files under {args.data_path}')
+    return paths, f'{len(paths)} images under {args.data_path}'
+
+
 def bench_data(config, args):
     """Images per second of decoding + the training transform, one process: this project's
     (datasets.load_rgb + augment.build_transform) or, with --reference torch, timm's. -> float"""
@@ -172,15 +184,7 @@ def bench_data(config, args):
         kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
         utils.seed_everything(config.SEED, 0, 0, 0, include_paddle=False)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data_path:
-            paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'),
-                                                recursive=True)
-                           if p.lower().endswith(datasets.IMG_EXTENSIONS))
-            if not paths:
-                raise datasets.DataError(f'no image files under {args.data_path}')
-            source = f'{len(paths)} images under {args.data_path}'
-        else:
-            paths, source = write_jpegs(tmp)
+        paths, source = timed_images(args, tmp)
         for p in paths[:10]:  # warm-up: file cache, lazy imports
             transform(load(p))
         decode = 0.0
@@ -207,15 +211,7 @@ def bench_sources(config, args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import make_shards
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data_path:
-            paths = sorted(p for p in glob.glob(os.path.join(args.data_path, '**', '*'),
-                                                recursive=True)
-                           if p.lower().endswith(datasets.IMG_EXTENSIONS))[:args.images]
-            if not paths:
-                raise datasets.DataError(f'no image files under {args.data_path}')
-            source = f'{len(paths)} images under {args.data_path}'
-        else:
-            paths, source = write_jpegs(tmp, count=args.images)
+        paths, source = timed_images(args, tmp, count=args.images)
         with open(os.path.join(tmp, 'train_list.txt'), 'w') as f:
             f.writelines(f'{os.path.abspath(p)} {i % 10}\n' for i, p in enumerate(paths))
         samples, _ = make_shards.read_source(tmp, 'train')
@@ -250,11 +246,7 @@ def bench_sources(config, args):
         # reading alone (no decoding): where the kinds differ
         seekable = shards.ShardDataset(shards.expand(pattern, tmp))
         reads = {'list file': lambda: [open(p, 'rb').read() for p in paths],
-                 'shards (seek)': lambda: [seekable._open.read(seekable.shards[s], int(o),
-                                                               int(n))
-                                           for s, o, n in zip(seekable._shard_of,
-                                                              seekable._offsets,
-                                                              seekable._sizes)],
+                 'shards (seek)': lambda: [seekable.read_bytes(i) for i in range(len(seekable))],
                  'shards (pipe:cat)': lambda: [x for src in shards.expand(kinds['shards '
                                                                                '(pipe:cat)'])
                                                for x in shards.stream_samples(src)]}
