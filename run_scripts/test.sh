@@ -29,7 +29,10 @@ echo "== installing ${pkgs[*]} + requirements.txt + requirements-test.txt into $
   2> >(grep -v -i "warn" >&2)
 
 set +e
-"$VENV/bin/python" -m pytest tests -q -ra "$@"
+# a passing run deletes its temporary folders (the parity fixtures alone hold 1.5 GB of ViT-B
+# weights); a failing run keeps them, for one run only, to look at
+"$VENV/bin/python" -m pytest tests -q -ra \
+  -o tmp_path_retention_policy=failed -o tmp_path_retention_count=1 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
