@@ -122,7 +122,8 @@ def _to_rgb(img):
     return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, ...
 
 
-def _reason(exc):
+def explain(exc):
+    """An exception as one line for a message: 'TypeName: text'."""
     text = str(exc).replace('\n', ' ').strip()
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
 
@@ -159,7 +160,7 @@ class LoaderSide:
     def _count_skipped(self, where, exc):
         with self._skipped.get_lock():
             self._skipped.value += 1
-        logger.warning('skipping unreadable image %s: %s', where, _reason(exc))
+        logger.warning('skipping unreadable image %s: %s', where, explain(exc))
 
     # Errors inside a loader. Paddle's DataLoader runs __getitem__ in a reader thread (also
     # with NUM_WORKERS 0) or in worker processes; an exception there leaves the main process
@@ -267,7 +268,7 @@ class ImageDataset(LoaderSide, Dataset):
             except Exception as e:
                 if self.on_bad_image == 'error':
                     raise BadImageError(
-                        f'cannot read image {self.describe(i)}: {_reason(e)}. Fix or remove it, '
+                        f'cannot read image {self.describe(i)}: {explain(e)}. Fix or remove it, '
                         f'or set DATA.ON_BAD_IMAGE skip to skip unreadable images') from None
                 self._count_skipped(self.describe(i), e)
                 continue

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from augment import build_seg_transform
-from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, _reason,
+from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, explain,
                       list_lines)
 
 SPLIT_FOLDERS = {True: 'training', False: 'validation'}  # ADE20K's split folder names
@@ -152,7 +152,7 @@ class SegmentationDataset(ImageDataset):
             raise DataError(f'annotation not found: {where} (the annotation of image '
                             f'{self.path(index)})') from None
         except Exception as e:
-            raise DataError(f'cannot read annotation {where}: {_reason(e)}') from None
+            raise DataError(f'cannot read annotation {where}: {explain(e)}') from None
         if image_size is not None and ann.size != tuple(image_size):
             raise DataError(
                 f'annotation {where} is {ann.size[0]}x{ann.size[1]} but its image '

@@ -16,8 +16,8 @@ processes see the same global batches (one permutation per epoch from (SEED, epo
 resumed mid-epoch continues with exactly the batches it would have had; evaluation counts each
 sample once for any number of processes; data errors raised in the main thread as one line.
 webdataset's pipeline takes rank / worker from torch or from RANK / WORKER variables that
-Paddle's launcher does not set; wids, its indexed reader,
-imports torch. The standard library's tarfile is all either reader here needs.
+Paddle's launcher does not set; wids, its indexed reader, imports torch. The standard library's
+tarfile, plus the braceexpand package for the patterns, is all either reader here needs.
 
 - Local shards (ShardDataset): each member's data is a contiguous byte range of the file, so
   each shard gets an index -- `<shard>.index.json` beside it, written by tools/make_shards.py,
@@ -63,6 +63,8 @@ import tempfile
 
 import numpy as np
 import paddle
+from braceexpand import UnbalancedBracesError
+from braceexpand import braceexpand as _braceexpand
 
 import datasets
 import utils
@@ -75,58 +77,16 @@ INDEX_SUFFIX = '.index.json'
 INDEX_VERSION = 1
 
 
-def _data_error(message):
-    return datasets.DataError(message)
-
-
 # ------------------------------------------------------------------------------ brace patterns
 
-_RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
-
-
 def braceexpand(pattern):
-    """Shell-style brace expansion: `a-{0000..0003}.tar`, `{train,val}-{0..1}.tar`, nested
-    braces. Numeric ranges keep the zero padding of the wider bound. A pattern without braces
-    is itself."""
-    depth, start = 0, None
-    for i, ch in enumerate(pattern):
-        if ch == '{':
-            if depth == 0:
-                start = i
-            depth += 1
-        elif ch == '}' and depth:
-            depth -= 1
-            if depth == 0:
-                head, body, tail = pattern[:start], pattern[start + 1:i], pattern[i + 1:]
-                return [head + choice + rest for choice in _alternatives(body)
-                        for rest in braceexpand(tail)]
-    if depth:
-        raise ConfigError(f'unbalanced braces in the shard pattern {pattern!r}')
-    return [pattern]
-
-
-def _alternatives(body):
-    m = _RANGE.match(body)
-    if m:
-        a, b = m.group(1), m.group(2)
-        lo, hi = int(a), int(b)
-        padded = any(len(x.lstrip('-')) > 1 and x.lstrip('-')[0] == '0' for x in (a, b))
-        width = max(len(a.lstrip('-')), len(b.lstrip('-'))) if padded else 0
-        step = 1 if hi >= lo else -1
-        return [str(v).zfill(width) if v >= 0 else '-' + str(-v).zfill(width)
-                for v in range(lo, hi + step, step)]
-    parts, depth, cur = [], 0, ''
-    for ch in body:
-        if ch == ',' and depth == 0:
-            parts.append(cur)
-            cur = ''
-            continue
-        depth += (ch == '{') - (ch == '}')
-        cur += ch
-    parts.append(cur)
-    if len(parts) == 1:  # `{x}`: literal braces, as in the shell
-        return ['{' + body + '}']
-    return [q for p in parts for q in braceexpand(p)]
+    """Shell-style brace expansion by the braceexpand package (webdataset's too):
+    `a-{0000..0003}.tar`, `{train,val}-{0..1}.tar`, nested braces; `{x}` stays as it is.
+    Backslashes are kept (escape=False): they belong to pipe: commands, not to the pattern."""
+    try:
+        return list(_braceexpand(pattern, escape=False))
+    except UnbalancedBracesError:
+        raise ConfigError(f'unbalanced braces in the shard pattern {pattern!r}') from None
 
 
 def expand(pattern, root=''):
@@ -146,7 +106,7 @@ def expand(pattern, root=''):
                 sources.append(os.path.expanduser(s))
             else:
                 if not root:
-                    raise _data_error(f'the shard pattern {part!r} is relative but DATA.DATA_PATH'
+                    raise datasets.DataError(f'the shard pattern {part!r} is relative but DATA.DATA_PATH'
                                       f' is not set (-data_path DIR), or give an absolute path')
                 sources.append(os.path.join(root, s))
     return sources
@@ -216,7 +176,7 @@ def scan(shard):
         try:
             tar = tarfile.open(fileobj=f, mode='r:')
         except tarfile.TarError as e:
-            raise _data_error(f'{shard}: not a readable tar file ({e})') from None
+            raise datasets.DataError(f'{shard}: not a readable tar file ({e})') from None
         try:
             for m in tar:
                 if not m.isfile():
@@ -299,7 +259,7 @@ def load_index(shard):
     """The index of a local shard: <shard>.index.json when it matches the shard's size, else a
     scan (written beside the shard when the folder allows)."""
     if not os.path.isfile(shard):
-        raise _data_error(f'shard not found: {shard}')
+        raise datasets.DataError(f'shard not found: {shard}')
     path = index_path(shard)
     size = os.path.getsize(shard)
     if os.path.isfile(path):
@@ -520,7 +480,7 @@ def count_samples(source):
     n = 0
     for key, _, _, _, problem in stream_samples(source, read_images=False):
         if key == '<command>' or (key == '<start>' and problem):
-            raise _data_error(f'cannot count the samples of {source}: {problem}')
+            raise datasets.DataError(f'cannot count the samples of {source}: {problem}')
         n += 1
     return n
 
@@ -540,7 +500,7 @@ def source_counts(sources, root, log=None):
             with open(path) as f:
                 known = json.load(f)
         except (OSError, ValueError) as e:
-            raise _data_error(f'{path}: unreadable sample counts ({e}); delete it to count '
+            raise datasets.DataError(f'{path}: unreadable sample counts ({e}); delete it to count '
                               f'again') from None
     missing = [s for s in sources if s.startswith('pipe:') and s not in known]
     if missing:
@@ -723,7 +683,7 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                 img, label = self._decode(rec)
             except Exception as e:
                 if self.on_bad_image == 'error':
-                    reason = str(e) if isinstance(e, _Bad) else datasets._reason(e)
+                    reason = str(e) if isinstance(e, _Bad) else datasets.explain(e)
                     raise datasets.BadImageError(bad_sample_message(self._where(rec),
                                                                     reason)) from None
                 self._count_skipped(self._where(rec), e)

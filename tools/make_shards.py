@@ -29,39 +29,26 @@ import tarfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runtime  # noqa: E402
 
-KEEP_EXTS = ('jpg', 'jpeg', 'png', 'webp')
-
 
 def read_source(data_path, split, list_file=None):
-    """-> [(path, label or None)], a description of the source."""
+    """-> [(path, label or None)], a description of the source: the samples of the list file,
+    else of the class folders, as the training scripts read them (datasets.py)."""
     import datasets
     list_file = list_file or os.path.join(data_path, f'{split}_list.txt')
     if os.path.isfile(list_file):
-        paths, labels, _ = datasets.ImageListDataset._read(list_file, data_path,
-                                                           require_labels=False,
-                                                           num_classes=None)
-        return [(p, None if lab == datasets.IGNORE_LABEL else int(lab))
-                for p, lab in zip(paths, labels)], list_file
-    folder = os.path.join(data_path, split)
-    if not os.path.isdir(folder):
-        raise datasets.DataError(f'{data_path}: neither the list file {list_file} nor the '
-                                 f'folder {folder}')
-    train = os.path.join(data_path, 'train')
-    classes = datasets.class_folders(train if os.path.isdir(train) else folder)
-    own = datasets.class_folders(folder)
-    if not own:
-        found = datasets._images_under(folder)
-        if not found:
-            raise datasets.DataError(f'{folder}: no image files found')
-        return [(p, None) for p in found], folder
-    out = []
-    for name in own:
-        if name not in classes:
-            raise datasets.DataError(f'{os.path.join(folder, name)}: a class folder the '
-                                     f'training set does not have')
-        out += [(p, classes.index(name)) for p in datasets._images_under(os.path.join(folder,
-                                                                                     name))]
-    return out, folder
+        found, source = datasets.ImageListDataset(data_path, list_file,
+                                                  require_labels=False), list_file
+    else:
+        folder = os.path.join(data_path, split)
+        if not os.path.isdir(folder):
+            raise datasets.DataError(f'{data_path}: neither the list file {list_file} nor the '
+                                     f'folder {folder}')
+        train = os.path.join(data_path, 'train')  # its class folders number the labels
+        classes = datasets.class_folders(train) if os.path.isdir(train) else None
+        found, source = datasets.ImageFolderDataset(folder, require_labels=False,
+                                                    classes=classes or None), folder
+    return [(found.path(i), None if label == datasets.IGNORE_LABEL else int(label))
+            for i, label in enumerate(found.labels)], source
 
 
 def _member(tar, name, data):
@@ -76,16 +63,17 @@ def image_bytes(path):
     """-> (extension, bytes, converted): the file's own bytes when shards can hold its format,
     else a lossless PNG of the upright RGB image (converted True)."""
     import datasets
+    import shards
     ext = os.path.splitext(path)[1].lower().lstrip('.')
     try:
-        if ext in KEEP_EXTS:
+        if ext in shards.IMAGE_EXTS:
             with open(path, 'rb') as f:
                 return ext, f.read(), False
         buf = io.BytesIO()
         datasets.load_rgb(path).save(buf, format='PNG')
         return 'png', buf.getvalue(), True
     except Exception as e:
-        raise datasets.DataError(f'cannot read image {path}: {datasets._reason(e)}') from None
+        raise datasets.DataError(f'cannot read image {path}: {datasets.explain(e)}') from None
 
 
 def make_shards(samples, out, prefix, samples_per_shard=0, max_mb=0.0, log=print):
