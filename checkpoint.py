@@ -11,9 +11,11 @@ import hashlib
 import os
 import warnings
 
-import numpy as np
 import paddle
 
+import config as cfgmod
+import torchfile
+import transformer
 from utils import UserError, is_main_process
 
 # A checkpoint's .pdparams also holds, under this key, what the run was: {'config': the
@@ -108,7 +110,6 @@ def config_for(cfg_file, weights, update):
     cfg_file that says otherwise about what the model is (MODEL_KEYS) is an error, not a resize.
     Weights without a config (converted official ones) need cfg_file. update(config) applies
     the command line's flags and -opts (to either)."""
-    import config as cfgmod
     config = cfgmod.get_config(cfg_file) if cfg_file else cfgmod.get_config()
     update(config)
     weights = weights or config.MODEL.PRETRAINED
@@ -150,15 +151,8 @@ def load_file(path, what):
 
 
 def is_torch_checkpoint(path):
-    """torch.save's zip format: an archive holding <dir>/data.pkl (paddle.save writes pickles)."""
-    import zipfile
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith('/data.pkl') for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
+    """torch.save's zip format (torchfile.is_torch_checkpoint); paddle.save writes pickles."""
+    return torchfile.is_torch_checkpoint(path)
 
 
 def load_checkpoint_pair(prefix):
@@ -231,7 +225,6 @@ def check_run_folder(config):
 
 def config_differences(saved_path, config):
     """'KEY saved -> now' for each config key (but RESUME_MAY_CHANGE) that differs."""
-    import config as cfgmod
     try:
         saved = cfgmod.get_config(saved_path)
     except cfgmod.ConfigError as e:
@@ -320,7 +313,6 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     of the whole model as it is. A head initialised afresh gets trunc-normal head_init_std
     (2e-5 fine-tune, 0.01 probe, as the official scripts). Returns (missing, unused).
     """
-    import transformer  # (lazy: saving and resuming do not need the models)
     state = split_meta(load_file(path, 'pretrained weights'))[0]
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
@@ -337,16 +329,8 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     encoder = model
     for part in prefix.strip('.').split('.') if prefix else ():
         encoder = getattr(encoder, part)
-    pe = state[pos]
-    if tuple(pe.shape) != tuple(own[pos].shape) and pe.shape[-1] == own[pos].shape[-1] \
-            and not eval_only:
-        new_grid = encoder.patch_embed.grid_size
-        old_tokens = pe.shape[1] - 1
-        log(f'pretrained: interpolating pos_embed from {int(round(old_tokens ** 0.5))}^2 to '
-            f'{new_grid}^2 patches')
-        state = dict(state)
-        state[pos] = transformer.interpolate_pos_embed(
-            np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe), new_grid)
+    if not eval_only:
+        state = encoder.checkpoint_filter(state, prefix, log)
     usable, unused, misfit = {}, [], []
     for k, v in state.items():
         if k in own and tuple(v.shape) == tuple(own[k].shape):
@@ -372,9 +356,7 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     with warnings.catch_warnings():  # Paddle warns per key it skips; the report below says it
         warnings.simplefilter('ignore')
         model.set_state_dict(usable)
-    head_keys = [k for k in missing if k.startswith('head.') and not k.startswith('head.0.')]
-    if head_keys and hasattr(model, 'init_head'):
-        model.init_head(head_init_std)
+    if encoder is model and model.init_missing_head(missing, head_init_std):
         log(f'pretrained: head initialised fresh (trunc-normal std {head_init_std})')
     log(f'pretrained: loaded {len(usable)} tensors from {path}')
     if missing:
@@ -401,7 +383,6 @@ def _strip(state, prefix):
 def describe_weights(state):
     """A ViT state dict in words: 'ViT-B/16: embed 768, 12 blocks, 14x14 patches' (the label
     when the patch size, width and depth are a named size's)."""
-    import transformer
     pe, proj = state.get('pos_embed'), state.get('patch_embed.proj.weight')
     if pe is None or proj is None:
         return 'not a ViT (no pos_embed / patch_embed.proj.weight)'

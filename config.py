@@ -166,6 +166,8 @@ RANGES = {
     'TRAIN.MIXUP_SWITCH_PROB': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'TRAIN.RANDOM_ERASE_PROB': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'TRAIN.RANDOM_ERASE_COUNT': (lambda v: v >= 1, '>= 1'),
+    'TRAIN.RRC_SCALE': (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                        '[low, high] with 0 < low <= high <= 1'),
     'SAVE_FREQ': (lambda v: v >= 1, '>= 1 (epochs)'),
     'SAVE_FREQ_ITERS': (lambda v: v >= 0, '>= 0 (0: off)'),
     'REPORT_FREQ': (lambda v: v >= 1, '>= 1 (iterations)'),
@@ -174,15 +176,25 @@ RANGES = {
 
 
 def check_values(config):
-    """Every value of RANGES in its range, else ConfigError naming the key, the value and what
-    would be valid (types and CHOICES are checked when the config is read)."""
+    """Every value of RANGES in its range and of CHOICES among them, else ConfigError naming
+    the key, the value and what would be valid. Reading a file or -opts checks types and
+    CHOICES as well, naming the file; this covers values set in code too."""
     for key, (ok, valid) in RANGES.items():
-        node = config
-        for part in key.split('.'):
-            node = node[part]
-        if not ok(node):
-            raise ConfigError(f'config key {key} must be {valid}, got {node!r}')
+        value = _get_key(config, key)
+        if not ok(value):
+            raise ConfigError(f'config key {key} must be {valid}, got {value!r}')
+    for key, choices in CHOICES.items():
+        value = _get_key(config, key)
+        if value not in choices:
+            raise ConfigError(f'config key {key} is {value!r}; choose one of {list(choices)}')
     return config
+
+
+def _get_key(config, key):
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
 
 
 class ConfigError(ValueError):

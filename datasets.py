@@ -1,5 +1,5 @@
 """Data: list-file and class-folder datasets, robust RGB loading, and the training / evaluation
-loaders (the image transforms are augment.py's).
+loaders (the image transforms are transforms.py's and seg_transforms.py's).
 
 Data folder (DESIGN.md 3.3): DATA_PATH/train_list.txt and DATA_PATH/val_list.txt, one image a
 line, `relative/path [label]` (paths relative to DATA_PATH; the label is optional for
@@ -43,8 +43,6 @@ from paddle.io.dataloader.collate import default_collate_fn
 from PIL import Image, ImageOps
 
 import utils
-from augment import build_transform
-from config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -130,23 +128,67 @@ def explain(exc):
 
 # ------------------------------------------------------------------------------------ datasets
 
-class LoaderSide:
-    """What every dataset of this project shares with EpochDataLoader: the count of skipped
-    samples (shared with the loader's workers), errors recorded inside a loader and raised in
-    the main thread, and the per-sample augmentation seed. Mixed into ImageDataset (map-style)
-    and shards.ShardStream (iterable)."""
+class DataSource:
+    """The contract between a data source and the loaders, the engine and the tasks: what they
+    may ask of any dataset, with the defaults a plain source keeps. A new source subclasses it
+    (with paddle.io.Dataset, or IterableDataset when streamed), yields (image, label, sample id)
+    -- or the layout of its `kind` -- and registers in sources.py; nothing else changes.
 
-    def _init_loader_side(self, transform, on_bad_image, mark_skipped):
-        if on_bad_image not in ('error', 'skip'):
-            raise ConfigError(f"DATA.ON_BAD_IMAGE is {on_bad_image!r}; choose 'error' or 'skip'")
+    Asked of every source:
+      kind          'classification' (image, int64 label, int64 id) or 'segmentation'
+                    (image, label map, id); the task asks the factory for its kind
+      len(source)   samples in one pass
+      classes       class names, label i = classes[i] (saved with checkpoints), or None
+      collate_fn    how a batch is made from samples; None: Paddle's default collate
+      streamed      False: map-style, indexed by the loader's samplers; True: iterable, it
+                    plans its own batches (configure, num_batches, set_epoch, batch_size)
+      plan()        what a streamed epoch's order depends on besides (SEED, epoch), saved with
+                    checkpoints and compared on resume; None for map-style sources
+      num_skipped   unreadable samples replaced so far (DATA.ON_BAD_IMAGE skip)
+      set_augment_seed(seed, epoch)   training: seed each sample's transform from
+                    (seed, epoch, sample id)
+      begin_loading() / end_loading() / loader_error()   errors inside a loader recorded and
+                    raised in the calling thread (see below)
+      from_config(config, is_train, transform, need_labels)   the source of the config, or None
+                    when the config does not point at data of this source
+      expected(config, is_train)   what from_config looks for (a list of phrases such as
+                    'the list file train_list.txt (DATA.TRAIN_LIST)'), for the message when no
+                    source finds its data
+    What a source gets from this class to meet it: __init__(transform, on_bad_image,
+    mark_skipped); transformed(img, sample_id) (the transform, seeded per sample in training);
+    count_skipped(where, exc) (a replaced sample, counted over all workers); record_error(e)
+    (inside __getitem__ / __iter__: the loader raises it in the main thread).
+    """
+
+    kind = 'classification'
+    classes = None
+    collate_fn = None
+    streamed = False
+
+    def __init__(self, transform=None, on_bad_image='error', mark_skipped=False):
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.mark_skipped = mark_skipped
         self._skipped = multiprocessing.Value('q', 0)  # shared with forked/spawned workers
         self._loader_error = multiprocessing.Array('c', _ERROR_BYTES)  # see loader_error()
         self.defer_errors = False
-        self.augment_seed = None  # set (with augment_epoch) by a training EpochDataLoader
+        self.augment_seed = None  # set_augment_seed (a training EpochDataLoader)
         self.augment_epoch = 0
+
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels):
+        raise NotImplementedError
+
+    @classmethod
+    def expected(cls, config, is_train):
+        return []
+
+    def plan(self):
+        return None
+
+    def set_augment_seed(self, seed, epoch):
+        """Training: the transform of sample i draws from RNGs seeded with (seed, epoch, i)."""
+        self.augment_seed, self.augment_epoch = seed, epoch
 
     @property
     def num_skipped(self):
@@ -157,7 +199,7 @@ class LoaderSide:
         with self._skipped.get_lock():
             self._skipped.value = 0
 
-    def _count_skipped(self, where, exc):
+    def count_skipped(self, where, exc):
         with self._skipped.get_lock():
             self._skipped.value += 1
         logger.warning('skipping unreadable image %s: %s', where, explain(exc))
@@ -184,10 +226,15 @@ class LoaderSide:
             return DataError(message)
         return RuntimeError(f'data loading failed:\n{message}')
 
-    def clear_loader_error(self):
+    def begin_loading(self):
+        """A loader starts iterating: errors are recorded from now on (see above)."""
         self._loader_error.value = b''
+        self.defer_errors = True
 
-    def _record_error(self, e):
+    def end_loading(self):
+        self.defer_errors = False
+
+    def record_error(self, e):
         """Record e (deferred mode) for the loader to raise; re-raise it otherwise."""
         if not self.defer_errors:
             raise e
@@ -200,7 +247,7 @@ class LoaderSide:
             if not self._loader_error.value:
                 self._loader_error.value = record.encode('utf-8')[:_ERROR_BYTES - 1]
 
-    def _transformed(self, img, sample_id):
+    def transformed(self, img, sample_id):
         """img through the transform, seeded per sample in training (see ImageDataset)."""
         if self.augment_seed is not None:
             utils.seed_everything(self.augment_seed, self.augment_epoch, sample_id,
@@ -216,7 +263,7 @@ class LoaderSide:
         return img, np.int64(IGNORE_LABEL), np.int64(index)
 
 
-class ImageDataset(LoaderSide, Dataset):
+class ImageDataset(DataSource, Dataset):
     """Images with integer labels (IGNORE_LABEL = none) -> (float32 [3, H, W], int64 label,
     int64 sample id = the index).
 
@@ -232,7 +279,7 @@ class ImageDataset(LoaderSide, Dataset):
     """
 
     def __init__(self, paths, labels, transform=None, on_bad_image='error', mark_skipped=False):
-        self._init_loader_side(transform, on_bad_image, mark_skipped)
+        DataSource.__init__(self, transform, on_bad_image, mark_skipped)
         self._paths = np.array([p.encode('utf-8') for p in paths], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
 
@@ -256,7 +303,7 @@ class ImageDataset(LoaderSide, Dataset):
         try:
             return self._load_sample(index)
         except Exception as e:
-            self._record_error(e)
+            self.record_error(e)
             return self._placeholder(index)
 
     def _load_sample(self, index):
@@ -270,12 +317,12 @@ class ImageDataset(LoaderSide, Dataset):
                     raise BadImageError(
                         f'cannot read image {self.describe(i)}: {explain(e)}. Fix or remove it, '
                         f'or set DATA.ON_BAD_IMAGE skip to skip unreadable images') from None
-                self._count_skipped(self.describe(i), e)
+                self.count_skipped(self.describe(i), e)
                 continue
             label = self.labels[i]
             if attempt and self.mark_skipped:
                 label = IGNORE_LABEL
-            return self._transformed(img, index), np.int64(label), np.int64(index)
+            return self.transformed(img, index), np.int64(label), np.int64(index)
         raise DataError(f'{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row, starting at '
                         f'{self.describe(index)}: is DATA.DATA_PATH the right folder?')
 
@@ -297,6 +344,19 @@ class ImageListDataset(ImageDataset):
                                                        num_classes)
         super().__init__(paths, labels, transform, on_bad_image, mark_skipped)
         self._line_numbers = np.asarray(self._line_numbers, dtype=np.int64)
+
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels):
+        list_file, _ = list_file_of(config, is_train)
+        if not config.DATA.DATA_PATH or not os.path.isfile(list_file):
+            return None
+        return cls(config.DATA.DATA_PATH, list_file,
+                   **source_args(config, is_train, transform, need_labels))
+
+    @classmethod
+    def expected(cls, config, is_train):
+        list_file, key = list_file_of(config, is_train)
+        return [f'the list file {os.path.basename(list_file)} ({key})']
 
     @staticmethod
     def _read(list_file, root, require_labels, num_classes):
@@ -359,6 +419,26 @@ class ImageFolderDataset(ImageDataset):
     require_labels. Files are recognised by extension (IMG_EXTENSIONS, any case).
     """
 
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels):
+        """DATA_PATH/train or DATA_PATH/val: one class map, the training folders' (hidden ones
+        skipped), applied to val/ too."""
+        root = config.DATA.DATA_PATH
+        folder = os.path.join(root, 'train' if is_train else 'val')
+        if not root or not os.path.isdir(folder):
+            return None
+        train_folder = os.path.join(root, 'train')
+        classes = None  # validation: the training folders' class map, whatever val/ holds
+        if not is_train and need_labels and os.path.isdir(train_folder) and \
+                not os.path.isfile(list_file_of(config, True)[0]):
+            classes = class_folders(train_folder) or None
+        return cls(folder, classes=classes,
+                   **source_args(config, is_train, transform, need_labels))
+
+    @classmethod
+    def expected(cls, config, is_train):
+        return [f'a folder {"train" if is_train else "val"}/ of class sub-folders']
+
     def __init__(self, root, transform=None, require_labels=True, num_classes=None,
                  on_bad_image='error', mark_skipped=False, classes=None):
         if not os.path.isdir(root):
@@ -410,55 +490,19 @@ def _images_under(folder):
     return found
 
 
-def build_dataset(config, is_train, transform=None):
-    """The training or validation dataset of config.DATA (tar shards when DATA.TRAIN_SHARDS /
-    VAL_SHARDS is set, else the list file, else a folder of class sub-folders: DATA_PATH/train
-    or DATA_PATH/val), with build_transform's transform unless one is given. Labels are required
-    except for a training set of a task that needs none (pre-training). Class folders: one class
-    map, the training folders' (hidden ones skipped), applied to val/ too, its size equal to
-    MODEL.NUM_CLASSES."""
+def source_args(config, is_train, transform, need_labels):
+    """The constructor arguments that list-file and folder sources take from the config."""
     d = config.DATA
-    shards_key = 'TRAIN_SHARDS' if is_train else 'VAL_SHARDS'
-    pattern = d[shards_key]
-    if d.DATA_PATH and not os.path.isdir(d.DATA_PATH):
-        raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
-    if not pattern and not d.DATA_PATH:
-        raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
-    if transform is None:
-        transform = build_transform(is_train, config)
-    import tasks  # (lazy: the task says whether its training set needs labels)
-    need_labels = not is_train or tasks.get_task(config).needs_labels
-    num_classes = config.MODEL.NUM_CLASSES if need_labels else None
-    if pattern:  # tar shards replace the list files (shards.py)
-        import shards
-        sources = shards.expand(pattern, d.DATA_PATH)
-        common = dict(transform=transform, need_labels=need_labels, num_classes=num_classes,
-                      on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train,
-                      key_name=f'DATA.{shards_key}')
-        if not any(s.startswith('pipe:') for s in sources):
-            return shards.ShardDataset(sources, **common)  # local: read by seeking
-        if is_train and config.TRAIN.ITERS_PER_EPOCH:
-            raise ConfigError('TRAIN.ITERS_PER_EPOCH is not supported with streamed (pipe:) '
-                              'shards: an epoch is one pass over them')
-        return shards.ShardStream(sources, shards.source_counts(sources, d.DATA_PATH),
-                                  train=is_train, seed=config.SEED,
-                                  shuffle_buffer=d.SHARD_SHUFFLE_BUFFER, **common)
-    common = dict(transform=transform, require_labels=need_labels, num_classes=num_classes,
-                  on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train)
-    list_name, list_key = (d.TRAIN_LIST, 'TRAIN_LIST') if is_train else (d.VAL_LIST, 'VAL_LIST')
-    list_file = os.path.join(d.DATA_PATH, list_name)
-    if os.path.isfile(list_file):
-        return ImageListDataset(d.DATA_PATH, list_file, **common)
-    folder = os.path.join(d.DATA_PATH, 'train' if is_train else 'val')
-    if os.path.isdir(folder):
-        train_folder = os.path.join(d.DATA_PATH, 'train')
-        classes = None  # validation: the training folders' class map, whatever val/ holds
-        if not is_train and need_labels and os.path.isdir(train_folder) and \
-                not os.path.isfile(os.path.join(d.DATA_PATH, d.TRAIN_LIST)):
-            classes = class_folders(train_folder) or None
-        return ImageFolderDataset(folder, classes=classes, **common)
-    raise DataError(f'{d.DATA_PATH}: found neither the list file {list_name} (DATA.{list_key}) '
-                    f'nor a folder {os.path.basename(folder)}/ of class sub-folders')
+    return dict(transform=transform, require_labels=need_labels,
+                num_classes=config.MODEL.NUM_CLASSES if need_labels else None,
+                on_bad_image=d.ON_BAD_IMAGE, mark_skipped=not is_train)
+
+
+def list_file_of(config, is_train):
+    """-> (DATA_PATH/<list file>, its config key) of the split."""
+    d = config.DATA
+    name, key = (d.TRAIN_LIST, 'TRAIN_LIST') if is_train else (d.VAL_LIST, 'VAL_LIST')
+    return os.path.join(d.DATA_PATH, name), f'DATA.{key}'
 
 
 # ------------------------------------------------------------------------------------- loaders
@@ -588,7 +632,7 @@ class EpochDataLoader(DataLoader):
                     dict(batch_size=dataset.batch_size, drop_last=False))
         super().__init__(dataset, num_workers=num_workers,
                          worker_init_fn=_WorkerInit(self._epochs, seed, rank, train),
-                         collate_fn=getattr(dataset, 'collate_fn', None), return_list=True,
+                         collate_fn=dataset.collate_fn, return_list=True,
                          **batching)
         self._seed, self._train = seed, train
 
@@ -601,10 +645,8 @@ class EpochDataLoader(DataLoader):
         return super().__len__()
 
     def __iter__(self):
-        if self._train and hasattr(self.dataset, 'augment_seed'):
-            # before the workers start, so they inherit both
-            self.dataset.augment_seed = self._seed
-            self.dataset.augment_epoch = self._epochs.epoch
+        if self._train:  # before the workers start, so they inherit the seed
+            self.dataset.set_augment_seed(self._seed, self._epochs.epoch)
         if self.num_workers == 0:
             return self._batches_in_this_thread()
         # A finished Paddle loader iterator lingers in a reference cycle. Left to the cyclic
@@ -612,10 +654,7 @@ class EpochDataLoader(DataLoader):
         # variable copied from this process and the worker hangs (seen with Paddle 2.6:
         # pthread_cond_destroy under gc in _worker_loop). Collect such garbage here, first.
         gc.collect()
-        if not hasattr(self.dataset, 'loader_error'):
-            return super().__iter__()
-        self.dataset.clear_loader_error()
-        self.dataset.defer_errors = True
+        self.dataset.begin_loading()
         return self._raising_recorded_errors(super().__iter__())
 
     def _batches_in_this_thread(self):
@@ -648,7 +687,7 @@ class EpochDataLoader(DataLoader):
                 shutdown = getattr(batches, '_try_shutdown_all', None)
                 if shutdown is not None:
                     shutdown()
-            self.dataset.defer_errors = False
+            self.dataset.end_loading()
 
     def _raise_recorded_error(self):
         error = self.dataset.loader_error()
@@ -669,7 +708,7 @@ def build_loader(config, dataset, is_train, num_replicas=None, rank=None):
         num_replicas = paddle.distributed.get_world_size()
     if rank is None:
         rank = paddle.distributed.get_rank()
-    if getattr(dataset, 'streamed', False):  # shards.ShardStream plans its own batches
+    if dataset.streamed:  # an iterable source plans its own batches (DataSource)
         dataset.configure(config.DATA.BATCH_SIZE if is_train else config.DATA.BATCH_SIZE_EVAL,
                           rank, num_replicas, config.DATA.NUM_WORKERS)
         if is_train and dataset.num_batches() == 0:

@@ -1,6 +1,6 @@
-"""The one training loop all tasks share: run(mode) assembles a stage from its task
-(tasks.py), fit() loops epochs (resume, train, validate, log, checkpoint), train_one_epoch()
-steps through one epoch. Nothing here branches on TRAIN.MODE: the task computes the loss,
+"""The one training loop all tasks share: fit() loops epochs (resume, train, validate, log,
+checkpoint), train_one_epoch() steps through one epoch, evaluate_only() is -eval (cli.py
+assembles a stage from its task and calls them). Nothing here branches on TRAIN.MODE: the task computes the loss,
 evaluates and names the metric that picks the best checkpoint.
 """
 import contextlib
@@ -14,9 +14,7 @@ import paddle
 import paddle.distributed as dist
 
 import checkpoint
-import datasets
 import optim
-import tasks
 import utils
 
 
@@ -78,75 +76,89 @@ def train_one_epoch(task, model, loader, optimizer, epoch, config, logger, peak_
     - save_fn(epoch, next_iter) is called every SAVE_FREQ_ITERS iterations (after a step);
     - stop (StopRequests): after an optimizer step that follows SIGINT / SIGTERM, save_fn saves
       and utils.Stopped is raised.
-    Returns {'train_loss': mean loss, 'lr': last lr}.
+    Returns {'train_loss': mean loss, 'train_<part>': mean of each other named loss of the
+    task, 'lr': last lr} (+ 'skipped_images' when DATA.ON_BAD_IMAGE skip replaced some).
     """
     model.train()
-    t = config.TRAIN
-    rank, world = dist.get_rank(), dist.get_world_size()
-    accum = t.ACCUM_ITER
     num_iters = len(loader)
-    distributed = isinstance(model, paddle.DataParallel)
-    loss_sum, loss_count = 0.0, 0
-    window_loss, window_n, window_start = 0.0, 0, time.time()
+    rank = dist.get_rank()
+    metrics = utils.MetricLogger()
     lr = optimizer.get_lr()
     for it, batch in enumerate(loader, start=start_iter):
-        if it % accum == 0:
+        if it % config.TRAIN.ACCUM_ITER == 0:
             lr = optim.lr_at(epoch + it / num_iters, config, peak_lr)
             optimizer.set_lr(lr)
         utils.seed_everything(config.SEED, epoch, it, rank)
         with utils.amp_context(config):
-            loss = task.loss(model, batch, epoch)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            latest = os.path.join(config.OUTPUT, 'latest.pdparams')
-            good = (f'The last good checkpoint is {latest} (resume with -resume auto after '
-                    f'lowering TRAIN.BASE_LR or setting TRAIN.GRAD_CLIP)'
-                    if os.path.exists(latest) else
-                    'No checkpoint was saved yet: start again with a lower TRAIN.BASE_LR or '
-                    'with TRAIN.GRAD_CLIP set')
-            raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch} iteration {it}: '
-                                f'stopping. {good}')
-        step_now = (it + 1) % accum == 0 or it + 1 == num_iters
-        scaled = loss / accum
-        if scaler is not None:
-            scaled = scaler.scale(scaled)
-        sync_ctx = model.no_sync() if distributed and not step_now else contextlib.nullcontext()
-        with sync_ctx:
-            scaled.backward()
-        if step_now:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.clear_grad()
-        loss_sum += loss_value
-        loss_count += 1
-        window_loss += loss_value
-        window_n += 1
+            losses = task.loss(model, batch, epoch)
+        values = {name: float(v) for name, v in losses.items()}
+        if not math.isfinite(values['loss']):
+            raise _diverged(config, values['loss'], epoch, it)
+        step_now = _backward(losses['loss'], model, optimizer, scaler, config, it, num_iters)
+        metrics.update(**values)
         if (it + 1) % config.REPORT_FREQ == 0 or it + 1 == num_iters:
-            elapsed = time.time() - window_start
-            avg = utils.all_reduce_mean(window_loss / window_n)
-            ips = window_n * batch[0].shape[0] * world / max(elapsed, 1e-9)
-            per_iter = elapsed / window_n
-            eta = per_iter * ((num_iters - it - 1) + (t.NUM_EPOCHS - epoch - 1) * num_iters)
-            logger.info(f'epoch {epoch} [{it + 1}/{num_iters}] loss {avg:.4f} lr {lr:.3e} '
-                        f'{ips:.1f} img/s eta {_hms(eta)}')
-            logger.scalars('iter', epoch * num_iters + it + 1, train_loss=avg, lr=lr)
-            window_loss, window_n, window_start = 0.0, 0, time.time()
+            _report(metrics, logger, lr, epoch, it, num_iters, batch[0].shape[0], config)
         if save_fn is not None and config.SAVE_FREQ_ITERS > 0 and step_now and \
                 (it + 1) % config.SAVE_FREQ_ITERS == 0 and it + 1 < num_iters:
             save_fn(epoch, it + 1)
         if stop is not None and step_now and it + 1 < num_iters and stop.requested():
             save_fn(epoch, it + 1)
             raise _stopped(stop, config, f'epoch {epoch} iteration {it + 1}')
-    stats = {'train_loss': utils.all_reduce_mean(loss_sum / max(loss_count, 1)), 'lr': lr}
-    skipped = int(utils.all_reduce_sum([getattr(loader.dataset, 'num_skipped', 0)])[0])
+    stats = {_train_name(k): v for k, v in metrics.epoch().items()}
+    stats['lr'] = lr
+    skipped = int(utils.all_reduce_sum([loader.dataset.num_skipped])[0])
     if skipped:  # DATA.ON_BAD_IMAGE skip
         stats['skipped_images'] = skipped
-        logger.info(f'epoch {epoch}: {stats["skipped_images"]} unreadable image(s) skipped so '
-                    f'far (DATA.ON_BAD_IMAGE skip)')
+        logger.info(f'epoch {epoch}: {skipped} unreadable image(s) skipped so far '
+                    f'(DATA.ON_BAD_IMAGE skip)')
     return stats
+
+
+def _train_name(loss_name):
+    """'loss' -> 'train_loss', 'loss_decode' -> 'train_loss_decode' (log.txt, VisualDL)."""
+    return 'train_' + loss_name
+
+
+def _backward(loss, model, optimizer, scaler, config, it, num_iters):
+    """Backward of loss / ACCUM_ITER; an optimizer step at the last iteration of each
+    accumulation (gradients synchronised then only). Returns whether it stepped."""
+    step_now = (it + 1) % config.TRAIN.ACCUM_ITER == 0 or it + 1 == num_iters
+    scaled = loss / config.TRAIN.ACCUM_ITER
+    if scaler is not None:
+        scaled = scaler.scale(scaled)
+    in_sync = step_now or not isinstance(model, paddle.DataParallel)
+    with contextlib.nullcontext() if in_sync else model.no_sync():
+        scaled.backward()
+    if step_now:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.clear_grad()
+    return step_now
+
+
+def _report(metrics, logger, lr, epoch, it, num_iters, batch_size, config):
+    """One progress line (losses of the window, lr, speed, eta) and the VisualDL scalars."""
+    means, count, seconds = metrics.window()
+    ips = count * batch_size * dist.get_world_size() / max(seconds, 1e-9)
+    eta = seconds / count * ((num_iters - it - 1) + (config.TRAIN.NUM_EPOCHS - epoch - 1) *
+                             num_iters)
+    losses = ' '.join(f'{k} {v:.4f}' for k, v in means.items())
+    logger.info(f'epoch {epoch} [{it + 1}/{num_iters}] {losses} lr {lr:.3e} '
+                f'{ips:.1f} img/s eta {_hms(eta)}')
+    logger.scalars('iter', epoch * num_iters + it + 1, lr=lr,
+                   **{_train_name(k): v for k, v in means.items()})
+
+
+def _diverged(config, value, epoch, it):
+    latest = os.path.join(config.OUTPUT, 'latest.pdparams')
+    good = (f'The last good checkpoint is {latest} (resume with -resume auto after lowering '
+            f'TRAIN.BASE_LR or setting TRAIN.GRAD_CLIP)' if os.path.exists(latest) else
+            'No checkpoint was saved yet: start again with a lower TRAIN.BASE_LR or with '
+            'TRAIN.GRAD_CLIP set')
+    return NonFiniteLoss(f'loss is {value} at epoch {epoch} iteration {it}: stopping. {good}')
 
 
 def _hms(seconds):
@@ -183,11 +195,11 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
 
-    meta = checkpoint.run_meta(config, getattr(train_loader.dataset, 'classes', None))
+    meta = checkpoint.run_meta(config, train_loader.dataset.classes)
     # a streamed data source (shards.ShardStream) plans each epoch for its processes x workers:
     # a mid-epoch resume under another plan cannot continue that epoch exactly
-    plan = getattr(train_loader.dataset, 'plan', None)
-    plan = list(plan()) if plan else None
+    plan = train_loader.dataset.plan()
+    plan = list(plan) if plan else None
     if resumed and start_iter and plan and resumed.get('data_plan') not in (None, plan):
         logger.info(f'warning: epoch {start_epoch} began with (processes, loader workers, '
                     f'batch) = {tuple(resumed["data_plan"])} over streamed shards and goes on '
@@ -290,33 +302,3 @@ def evaluate_only(task, model, val_loader, config, logger):
     if utils.is_main_process():
         print(json.dumps(result), flush=True)
     return result
-
-
-def run(mode, argv=None):
-    """An entry point: flags -> config -> the task's model, data and optimizer -> fit (or,
-    with -eval, evaluate_only). main_multi_gpu_<mode>.py is this call."""
-    evaluates = tasks.TASKS[mode].best_metric is not None
-    config, args, logger = utils.setup(mode, argv, can_eval=evaluates)
-    task = tasks.get_task(config)
-    model = task.build_model()
-    if config.MODEL.PRETRAINED:
-        task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info,
-                             eval_only=getattr(args, 'eval', False))
-    val_loader = None
-    if task.evaluates:
-        val_loader = datasets.build_loader(config, task.build_dataset(False), is_train=False)
-    if getattr(args, 'eval', False):
-        evaluate_only(task, model, val_loader, config, logger)
-        return
-    train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
-    optimizer = optim.build_optimizer(model, config, dist.get_world_size())
-    scaler = build_scaler(config)
-    prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
-    resumed = None
-    if prefix:  # (a checkpoint that does not fit stops here, before anything is written)
-        resumed = checkpoint.resume(prefix, model, optimizer, scaler)
-        logger.info(f'resumed from {prefix}: epoch {resumed["epoch"]}, iteration '
-                    f'{resumed["iter"]}')
-    logger.open(config)  # everything checked and built: the run folder starts here
-    fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
-        scaler=scaler, resumed=resumed)

@@ -24,9 +24,11 @@ if _ROOT not in sys.path:
 dependencies = ['paddle', 'numpy', 'yaml', 'yacs', 'PIL']
 
 import checkpoint  # noqa: E402
+import tasks  # noqa: E402
 import transformer  # noqa: E402
 
-_FRESH = {'vit_': ('head.', 'fc_norm.'), 'mae_': ('decoder_', 'mask_token')}
+# what a checkpoint may lack, by model kind: what the task that trains it starts afresh
+_FRESH = {task.model_prefix: task.reinit for task in (tasks.Pretrain, tasks.Finetune)}
 
 
 def _entry(name):

@@ -8,4 +8,9 @@
 import runtime
 
 if __name__ == '__main__':
-    runtime.main('finetune')
+    runtime.setup_process()  # first: before anything imports Paddle
+
+import cli  # noqa: E402
+
+if __name__ == '__main__':
+    cli.main('finetune')

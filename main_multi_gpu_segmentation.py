@@ -10,4 +10,9 @@ segmentor by sliding window (prints {"mIoU", "mAcc", "aAcc", "n", "IoU"} as its 
 import runtime
 
 if __name__ == '__main__':
-    runtime.main('segmentation')
+    runtime.setup_process()  # first: before anything imports Paddle
+
+import cli  # noqa: E402
+
+if __name__ == '__main__':
+    cli.main('segmentation')

@@ -38,15 +38,6 @@ def setup_process(restart=True):
     _done = True
 
 
-def main(mode, argv=None):
-    """A main_multi_gpu_<mode>.py: process set-up first, then engine.run(mode); a user's mistake
-    prints one 'error: ...' line and exits 2."""
-    setup_process()
-    import engine
-    import utils
-    utils.run_main(lambda: engine.run(mode, argv))
-
-
 def _configure_cpu_environment():
     """Threads = cores available to this process / processes on this node, unless the user set
     OMP_NUM_THREADS. Paddle sets OMP_NUM_THREADS=1 when importing itself (so does its launcher,

@@ -18,7 +18,7 @@ not a damaged picture, and training around them would silently learn from wrong 
 An annotation that exists but cannot be decoded is such an error too. DATA.ON_BAD_IMAGE governs
 unreadable images, as for classification.
 
-Samples (the joint transforms are augment.py's build_seg_transform):
+Samples (the joint transforms are seg_transforms.py's build_seg_transform):
 - training: (image float32 [3, S, S], label map int64 [S, S], sample id int64), S =
   DATA.IMAGE_SIZE, pixels padded in labelled IGNORE_INDEX;
 - evaluation: (image float32 [3, h, w] resized into DATA.SEG_SCALE and normalised, label map
@@ -36,9 +36,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from augment import build_seg_transform
 from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, explain,
-                      list_lines)
+                      list_file_of, list_lines)
 
 SPLIT_FOLDERS = {True: 'training', False: 'validation'}  # ADE20K's split folder names
 ANNOTATION_EXT = '.png'
@@ -85,7 +84,7 @@ class SegmentationDataset(ImageDataset):
 
     images, annotations: file paths, one pair a sample (each annotation must exist).
     transform: joint callable (PIL RGB image, integer mask [H, W]) -> (image, mask), e.g.
-    augment.build_seg_transform; None gives (PIL image, int64 mask).
+    seg_transforms.build_seg_transform; None gives (PIL image, int64 mask).
     is_train: training samples (fixed size, default collate) or evaluation ones (replaced
     images marked with id -1, collate_eval). list_file / line_numbers: where the pairs were
     listed, for messages.
@@ -118,6 +117,40 @@ class SegmentationDataset(ImageDataset):
             if not os.path.isfile(self.annotation(i)):
                 raise DataError(f'annotation not found: {self._where(i)} (the annotation of '
                                 f'image {self.path(i)})')
+
+    kind = 'segmentation'
+
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels=True):
+        """The split of config.DATA: the list file (DATA.TRAIN_LIST / VAL_LIST) when it exists,
+        else the ADE20K layout, else None. DATA_PATH/class_names.txt, when there is one, is
+        checked against MODEL.NUM_CLASSES now, not at evaluation."""
+        d = config.DATA
+        list_file, _ = list_file_of(config, is_train)
+        split = SPLIT_FOLDERS[is_train]
+        line_numbers = None
+        if not d.DATA_PATH:
+            return None
+        if os.path.isfile(list_file):
+            images, annotations, line_numbers = read_pair_list(list_file, d.DATA_PATH)
+        elif os.path.isdir(os.path.join(d.DATA_PATH, 'images', split)):
+            images, annotations = ade_layout(d.DATA_PATH, split)
+            list_file = None
+        else:
+            return None
+        dataset = cls(images, annotations, transform, config.MODEL.NUM_CLASSES, is_train,
+                      ignore_index=d.IGNORE_INDEX, reduce_zero_label=d.REDUCE_ZERO_LABEL,
+                      on_bad_image=d.ON_BAD_IMAGE, list_file=list_file,
+                      line_numbers=line_numbers)
+        dataset.classes = class_names(config)  # (saved with the checkpoints)
+        return dataset
+
+    @classmethod
+    def expected(cls, config, is_train):
+        list_file, key = list_file_of(config, is_train)
+        split = SPLIT_FOLDERS[is_train]
+        return [f'the list file {os.path.basename(list_file)} ({key})',
+                f'a folder images/{split}/ with annotations/{split}/ (ADE20K layout)']
 
     def annotation(self, index):
         return self._annotations[index].decode('utf-8')
@@ -262,39 +295,6 @@ def ade_layout(root, split):
                             f'the ADE20K layout pairs images/{split}/<name>.jpg with '
                             f'annotations/{split}/<name>.png)')
     return images, annotations
-
-
-def build_dataset(config, is_train, transform=None):
-    """The training or validation SegmentationDataset of config.DATA: the list file
-    (DATA.TRAIN_LIST / VAL_LIST) when it exists, else the ADE20K layout; with
-    augment.build_seg_transform's transform unless one is given. DATA_PATH/class_names.txt,
-    when there is one, is checked against MODEL.NUM_CLASSES too."""
-    d = config.DATA
-    if not d.DATA_PATH:
-        raise DataError('no data folder: set DATA.DATA_PATH (-data_path DIR)')
-    if not os.path.isdir(d.DATA_PATH):
-        raise DataError(f'data folder not found: {d.DATA_PATH} (DATA.DATA_PATH)')
-    list_name, list_key = (d.TRAIN_LIST, 'TRAIN_LIST') if is_train else (d.VAL_LIST, 'VAL_LIST')
-    list_file = os.path.join(d.DATA_PATH, list_name)
-    split = SPLIT_FOLDERS[is_train]
-    line_numbers = None
-    if os.path.isfile(list_file):
-        images, annotations, line_numbers = read_pair_list(list_file, d.DATA_PATH)
-    elif os.path.isdir(os.path.join(d.DATA_PATH, 'images', split)):
-        images, annotations = ade_layout(d.DATA_PATH, split)
-        list_file = None
-    else:
-        raise DataError(f'{d.DATA_PATH}: found neither the list file {list_name} '
-                        f'(DATA.{list_key}) nor a folder images/{split}/ with annotations/'
-                        f'{split}/ (ADE20K layout)')
-    class_names(config)  # a class_names.txt of the wrong length fails now, not at evaluation
-    if transform is None:
-        transform = build_seg_transform(is_train, config)
-    return SegmentationDataset(images, annotations, transform, config.MODEL.NUM_CLASSES,
-                               is_train, ignore_index=d.IGNORE_INDEX,
-                               reduce_zero_label=d.REDUCE_ZERO_LABEL,
-                               on_bad_image=d.ON_BAD_IMAGE, list_file=list_file,
-                               line_numbers=line_numbers)
 
 
 # ------------------------------------------------------------------------ names and colours

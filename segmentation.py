@@ -12,13 +12,11 @@ upernet_mae-base_fp16_8x2_512x512_160k_ade20k states it; DESIGN.md 5):
 Parameter names are mmsegmentation's (`backbone.*`, `neck.fpn1.0.weight`,
 `decode_head.psp_modules.0.1.conv.weight`, `auxiliary_head.conv_seg.bias`, ...), so ADE20K
 checkpoints trained with it convert by a key table; BatchNorm uses PyTorch's eps and momentum.
-Evaluation runs sliding windows (`sliding_window`, NumPy only, so an exported Paddle Inference
-model can be slid the same way).
+Inference by sliding windows is seg_inference.py's.
 """
 import math
 import numbers
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -209,108 +207,6 @@ class Segmentor(nn.Layer):
         if self.training:
             return logits, self.auxiliary_head(levels)
         return resize(logits, imgs.shape[2:])
-
-
-def slide_boxes(height, width, window, stride):
-    """mmseg's slide_inference windows over an (height, width) image, each >= window in size:
-    -> [(y1, y2, x1, x2)], rows then columns; the last row / column is moved back to end at the
-    border, so windows may overlap more there."""
-    rows = max(height - window + stride - 1, 0) // stride + 1
-    cols = max(width - window + stride - 1, 0) // stride + 1
-    boxes = []
-    for i in range(rows):
-        for j in range(cols):
-            y2 = min(i * stride + window, height)
-            x2 = min(j * stride + window, width)
-            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
-    return boxes
-
-
-def sliding_window(predict, img, window, stride, num_classes, batch=8):
-    """Whole-image logits by sliding windows, mmseg's slide_inference (crop = window).
-
-    predict: numpy (B, 3, window, window) float32 -> numpy logits (B, num_classes, window,
-      window) (a Paddle model in eval mode, or an exported Paddle Inference predictor).
-    img: (3, H, W) float32, normalised. Returns (num_classes, H, W) float32: for every pixel the
-    mean of the logits of the windows covering it (windows every `stride` pixels per axis, the
-    last one moved back to end at the border). Windows are run `batch` at a time.
-
-    An image smaller than the window in a dimension is zero-padded at the bottom / right up to
-    the window (mmseg would run the smaller crop; here the encoder's patch grid, and with it its
-    relative position tables, are fixed) and the logits of the padding are dropped.
-    """
-    img = np.asarray(img, dtype=np.float32)
-    if img.ndim != 3:
-        raise ValueError(f'sliding_window takes one image (3, H, W), got shape {img.shape}')
-    channels, height, width = img.shape
-    if stride < 1 or window < 1 or batch < 1:
-        raise ValueError(f'window {window}, stride {stride} and batch {batch} must be >= 1')
-    padded_h, padded_w = max(height, window), max(width, window)
-    if (padded_h, padded_w) != (height, width):
-        canvas = np.zeros((channels, padded_h, padded_w), np.float32)
-        canvas[:, :height, :width] = img
-        img = canvas
-    boxes = slide_boxes(padded_h, padded_w, window, stride)
-    logits = np.zeros((num_classes, padded_h, padded_w), np.float32)
-    count = np.zeros((padded_h, padded_w), np.float32)
-    for start in range(0, len(boxes), batch):
-        chunk = boxes[start:start + batch]
-        windows = np.stack([img[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        out = np.asarray(predict(windows))
-        expected = (len(chunk), num_classes, window, window)
-        if out.shape != expected:
-            raise ValueError(f'predict returned logits of shape {out.shape} for {len(chunk)} '
-                             f'windows; expected {expected}')
-        for (y1, y2, x1, x2), o in zip(chunk, out):
-            logits[:, y1:y2, x1:x2] += o
-            count[y1:y2, x1:x2] += 1
-    logits /= count[None]
-    return logits[:, :height, :width]
-
-
-def predict_label_map(predict, img, size, config):
-    """One image's predicted classes: sliding windows of DATA.IMAGE_SIZE (stride
-    MODEL.SEGMENTATION.SLIDE_STRIDE, DATA.BATCH_SIZE_EVAL windows at once) over the
-    preprocessed img (3, h, w), logits resized (bilinear) to size = (H, W), the image's
-    original size, argmax -> int64 (H, W). What evaluation scores and the tools draw."""
-    logits = sliding_window(predict, img, config.DATA.IMAGE_SIZE,
-                            config.MODEL.SEGMENTATION.SLIDE_STRIDE, config.MODEL.NUM_CLASSES,
-                            batch=config.DATA.BATCH_SIZE_EVAL)
-    logits = resize(paddle.to_tensor(logits[None]), size)
-    return logits.argmax(axis=1)[0].numpy().astype(np.int64)
-
-
-def image_label_map(predict, image, config, transform=None):
-    """An RGB PIL image -> its predicted classes (H, W) at its own size: the evaluation
-    transform (augment.build_seg_transform(False, config), or `transform`), then
-    predict_label_map. What the tools draw and write."""
-    import augment
-    transform = transform or augment.build_seg_transform(False, config)
-    chw, _ = transform(image, np.zeros((image.height, image.width), np.int64))
-    return predict_label_map(predict, chw, (image.height, image.width), config)
-
-
-def checkpoint_predictor(config, weights):
-    """predict for sliding_window from a segmentor checkpoint: the task's model with all of
-    `weights` (as -eval), in eval mode."""
-    import tasks
-    task = tasks.get_task(config)
-    model = task.build_model()
-    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
-    model.eval()
-    return model_predictor(model, config)
-
-
-def model_predictor(model, config):
-    """predict for sliding_window from a segmentor in eval mode (under the config's AMP)."""
-    import utils
-
-    @paddle.no_grad()
-    def predict(windows):
-        with utils.amp_context(config):
-            out = model(paddle.to_tensor(windows))
-        return out.astype('float32').numpy()
-    return predict
 
 
 def build_segmentor(config):

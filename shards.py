@@ -306,6 +306,22 @@ class OpenShards:
         return {'most': self.most, '_fds': collections.OrderedDict(), '_pid': None}
 
 
+def shard_sources(config, is_train):
+    """-> (the expanded sources of DATA.TRAIN_SHARDS / VAL_SHARDS, the key) or (None, key)
+    when the key is empty."""
+    key = 'TRAIN_SHARDS' if is_train else 'VAL_SHARDS'
+    pattern = config.DATA[key]
+    return (expand(pattern, config.DATA.DATA_PATH) if pattern else None), f'DATA.{key}'
+
+
+def shard_args(config, is_train, transform, need_labels, key_name):
+    """The constructor arguments both shard sources take from the config."""
+    return dict(transform=transform, need_labels=need_labels,
+                num_classes=config.MODEL.NUM_CLASSES if need_labels else None,
+                on_bad_image=config.DATA.ON_BAD_IMAGE, mark_skipped=not is_train,
+                key_name=key_name)
+
+
 class ShardDataset(datasets.ImageDataset):
     """Samples of local tar shards -> (float32 image, int64 label, int64 sample id = the
     sample's global position: shard order x member order).
@@ -320,7 +336,7 @@ class ShardDataset(datasets.ImageDataset):
         piped = [s for s in sources if s.startswith('pipe:')]
         if piped:
             raise ConfigError(f'{key_name}: pipe: sources ({piped[0]!r}) cannot be seeked: '
-                              f'ShardStream streams them (datasets.build_dataset chooses)')
+                              f'ShardStream streams them (sources.build_dataset chooses)')
         self.shards = list(sources)
         shard_of, offsets, sizes, labels, names, problems = [], [], [], [], [], {}
         for s, shard in enumerate(self.shards):
@@ -347,6 +363,14 @@ class ShardDataset(datasets.ImageDataset):
         self.problems = problems  # sample id -> what is wrong with it (few)
         self._open = OpenShards()
         super().__init__([], labels, transform, on_bad_image, mark_skipped)
+
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels):
+        """Local shards (no pipe: source): read by seeking."""
+        sources, key = shard_sources(config, is_train)
+        if not sources or any(s.startswith('pipe:') for s in sources):
+            return None
+        return cls(sources, **shard_args(config, is_train, transform, need_labels, key))
 
     def __len__(self):
         return len(self._offsets)
@@ -517,7 +541,7 @@ class _Bad(Exception):
     """A problem found while reading a streamed shard (its text is the message)."""
 
 
-class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
+class ShardStream(datasets.DataSource, paddle.io.IterableDataset):
     """Shards read front to back, for sources that cannot be seeked (pipe:COMMAND; see the
     module's docstring): yields (float32 image, int64 label, int64 sample id = global position,
     as ShardDataset's).
@@ -547,7 +571,7 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
     def __init__(self, sources, counts, transform=None, need_labels=True, num_classes=None,
                  on_bad_image='error', mark_skipped=False, train=False, seed=0,
                  shuffle_buffer=0, key_name='DATA.TRAIN_SHARDS'):
-        self._init_loader_side(transform, on_bad_image, mark_skipped)
+        datasets.DataSource.__init__(self, transform, on_bad_image, mark_skipped)
         self.sources = list(sources)
         self.counts = np.asarray(counts, np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
@@ -559,6 +583,19 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
         self.key_name = key_name
         self.batch_size, self.rank, self.nranks, self.num_workers = 1, 0, 1, 0
         self.epoch, self.start_batch = 0, 0
+
+    @classmethod
+    def from_config(cls, config, is_train, transform, need_labels):
+        """Shards with a pipe: source: streamed front to back."""
+        sources, key = shard_sources(config, is_train)
+        if not sources or not any(s.startswith('pipe:') for s in sources):
+            return None
+        if is_train and config.TRAIN.ITERS_PER_EPOCH:
+            raise ConfigError('TRAIN.ITERS_PER_EPOCH is not supported with streamed (pipe:) '
+                              'shards: an epoch is one pass over them')
+        return cls(sources, source_counts(sources, config.DATA.DATA_PATH), train=is_train,
+                   seed=config.SEED, shuffle_buffer=config.DATA.SHARD_SHUFFLE_BUFFER,
+                   **shard_args(config, is_train, transform, need_labels, key))
 
     def __len__(self):
         return int(self.starts[-1])
@@ -686,7 +723,7 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                     reason = str(e) if isinstance(e, _Bad) else datasets.explain(e)
                     raise datasets.BadImageError(bad_sample_message(self._where(rec),
                                                                     reason)) from None
-                self._count_skipped(self._where(rec), e)
+                self.count_skipped(self._where(rec), e)
                 pending.append(rec[0])
                 if len(pending) >= datasets.MAX_BAD_IN_A_ROW:
                     raise datasets.DataError(f'{len(pending)} bad samples in a row, up to '
@@ -707,7 +744,7 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                                    else last[1], sid)
 
     def _sample(self, img, label, sid):
-        return self._transformed(img, sid), np.int64(label), np.int64(sid)
+        return self.transformed(img, sid), np.int64(label), np.int64(sid)
 
     def __iter__(self):
         info = paddle.io.get_worker_info()
@@ -721,4 +758,4 @@ class ShardStream(datasets.LoaderSide, paddle.io.IterableDataset):
                 next(records)
             yield from self._samples(records)
         except Exception as e:
-            self._record_error(e)  # (deferred: the loader raises it; this worker stops)
+            self.record_error(e)  # (deferred: the loader raises it; this worker stops)

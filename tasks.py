@@ -22,9 +22,14 @@ import paddle
 import paddle.nn.functional as F
 
 import checkpoint
-import datasets
 import mixup
+import seg_data
+import seg_inference
+import seg_transforms
+import segmentation
+import sources
 import transformer
+import transforms
 import utils
 from config import ConfigError
 
@@ -51,6 +56,7 @@ class Task:
     single_draw_crop = False  # training crop: one draw, no retries (official linear probe)
     head_init_std = 2e-5      # trunc-normal std of a classifier head initialised fresh
     reinit = ('head.',)       # parameter-name prefixes initialised afresh, not pre-trained
+    data_kind = 'classification'  # the samples its data sources give (sources.py)
 
     def __init__(self, config):
         self.config = config
@@ -72,11 +78,18 @@ class Task:
         self.check_model_name()
         return transformer.build_from_config(self.config)
 
+    def build_transform(self, is_train):
+        """The image transform of its samples (transforms.py; the crop the task trains with)."""
+        return transforms.build_transform(is_train, self.config,
+                                          single_draw_crop=self.single_draw_crop)
+
     def build_dataset(self, is_train):
-        """The training or evaluation dataset: tar shards (DATA.TRAIN_SHARDS / VAL_SHARDS,
-        shards.py), list files or class folders (datasets.py), with the transforms of
-        augment.build_transform. Samples are (image, label, sample id)."""
-        return datasets.build_dataset(self.config, is_train)
+        """The training or evaluation dataset of the config's data source (sources.py: tar
+        shards, list files, class folders, ...), with the task's transform; labels required
+        except for a training set of a task that needs none."""
+        return sources.build_dataset(self.config, is_train, self.build_transform(is_train),
+                                     need_labels=not is_train or self.needs_labels,
+                                     kind=self.data_kind)
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
         """MODEL.PRETRAINED into the model: everything but `reinit` must fit; under -eval
@@ -85,7 +98,9 @@ class Task:
                                           eval_only=eval_only, head_init_std=self.head_init_std)
 
     def loss(self, model, batch, epoch):
-        """Scalar training loss of one batch (model may be wrapped in paddle.DataParallel)."""
+        """The training losses of one batch, by name (model may be wrapped in
+        paddle.DataParallel): 'loss' is what is optimised; other entries (its parts) are
+        logged beside it. Scalar tensors."""
         raise NotImplementedError
 
     def evaluate(self, model, loader):
@@ -114,8 +129,9 @@ class Pretrain(Task):
         images, ids = batch[0], batch[2]
         noise = masking_noise(self.config.SEED, epoch, ids.numpy(),
                               unwrap(model).patch_embed.num_patches)
-        return model(images, mask_ratio=self.config.MODEL.MASK_RATIO,
+        loss = model(images, mask_ratio=self.config.MODEL.MASK_RATIO,
                      noise=paddle.to_tensor(noise))[0]
+        return {'loss': loss}
 
 
 class Finetune(Task):
@@ -138,7 +154,7 @@ class Finetune(Task):
         images, targets = batch[0], batch[1]
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)
-        return self.criterion(model(images), targets)
+        return {'loss': self.criterion(model(images), targets)}
 
     @paddle.no_grad()
     def evaluate(self, model, loader):
@@ -217,8 +233,9 @@ class Segmentation(Task):
     # (MAE pre-training and classifiers: zero, as BEiT / the MAE paper's transfer start them)
     reinit = ('neck.', 'decode_head.', 'auxiliary_head.', '*.relative_position_bias_table')
 
+    data_kind = 'segmentation'
+
     def build_model(self):
-        import segmentation  # (lazy: the other tasks do not need it)
         self.check_model_name()
         model = segmentation.build_segmentor(self.config)
         if paddle.distributed.get_world_size() > 1 and paddle.is_compiled_with_cuda():
@@ -226,14 +243,15 @@ class Segmentation(Task):
             model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
+    def build_transform(self, is_train):
+        """Image and label map together (seg_transforms.py, the ADE20K recipe)."""
+        return seg_transforms.build_seg_transform(is_train, self.config)
+
     def build_dataset(self, is_train):
-        import seg_data
         if self.config.DATA.TRAIN_SHARDS or self.config.DATA.VAL_SHARDS:
             raise ConfigError('DATA.TRAIN_SHARDS / VAL_SHARDS (tar shards) hold classification '
                               'samples; segmentation reads ADE20K folders or PaddleSeg lists')
-        dataset = seg_data.build_dataset(self.config, is_train)
-        dataset.classes = seg_data.class_names(self.config)  # (saved with the checkpoints)
-        return dataset
+        return super().build_dataset(is_train)
 
     def load_pretrained(self, model, path, log=print, eval_only=False):
         """An encoder (MAE pre-training, fine-tuned, converted official) into `backbone.`, its
@@ -254,11 +272,12 @@ class Segmentation(Task):
     def loss(self, model, batch, epoch):
         images, labels = batch[0], batch[1].astype('int64')
         logits, aux = model(images)
-        loss = self.pixel_loss(logits, labels)
+        decode = self.pixel_loss(logits, labels)
         weight = self.config.MODEL.SEGMENTATION.AUX_WEIGHT
-        if weight:
-            loss = loss + weight * self.pixel_loss(aux, labels)
-        return loss
+        if not weight:
+            return {'loss': decode, 'loss_decode': decode}
+        aux = weight * self.pixel_loss(aux, labels)  # (weighted, as mmsegmentation logs it)
+        return {'loss': decode + aux, 'loss_decode': decode, 'loss_aux': aux}
 
     @paddle.no_grad()
     def evaluate(self, model, loader):
@@ -268,20 +287,18 @@ class Segmentation(Task):
         unions and areas summed over all images and processes, then divided. Classes absent
         from both prediction and labels are left out of mIoU (NaN in mmseg), classes absent from
         the labels out of mAcc. Returns also 'IoU': {class name: IoU % or None}."""
-        import segmentation
-        import seg_data
         net = unwrap(model)
         net.eval()
         c = self.config
         num_classes = c.MODEL.NUM_CLASSES
-        predict = segmentation.model_predictor(net, c)
+        predict = seg_inference.model_predictor(net, c)
         areas, n = np.zeros((4, num_classes)), 0
         for images, labels, ids in loader:
             for img, label, i in zip(images, labels, np.asarray(ids).reshape(-1)):
                 if int(i) < 0:  # an unreadable image replaced (ON_BAD_IMAGE skip)
                     continue
                 label = np.asarray(label)
-                pred = segmentation.predict_label_map(predict, np.asarray(img, np.float32),
+                pred = seg_inference.predict_label_map(predict, np.asarray(img, np.float32),
                                                       label.shape, c)
                 areas += segmentation_areas(pred, label, num_classes, c.DATA.IGNORE_INDEX)
                 n += 1
@@ -345,3 +362,18 @@ def get_task(config):
     if mode not in TASKS:
         raise ConfigError(f'TRAIN.MODE is {mode!r}; choose one of {sorted(TASKS)}')
     return TASKS[mode](config)
+
+
+def build_model(config):
+    """The model a config describes, as its task trains it (with its head, what it freezes
+    frozen): the linear probe's BN + Linear head on a frozen encoder, the segmentor, ..."""
+    return get_task(config).build_model()
+
+
+def load_trained(config, weights):
+    """The task's model with all of `weights` loaded (as -eval loads them), in eval mode."""
+    task = get_task(config)
+    model = task.build_model()
+    task.load_pretrained(model, weights, log=lambda m: None, eval_only=True)
+    model.eval()
+    return model

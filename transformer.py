@@ -326,6 +326,28 @@ class EncoderProtocol:
             return int(name.split('.')[1]) + 1
         return self.get_num_layers() + 1
 
+    def checkpoint_filter(self, state, prefix='', log=print):
+        """Weights for this encoder adapted to it (timm's checkpoint_filter_fn habit): a
+        pos_embed of another patch grid (fine-tuning at another resolution) interpolated
+        bicubically to this one. state: name -> array or tensor, this encoder's names under
+        `prefix`. Returns state, or a new dict when something changed."""
+        pos = prefix + 'pos_embed'
+        pe = state[pos]
+        if tuple(pe.shape) == tuple(self.pos_embed.shape) or pe.shape[-1] != self.pos_embed.shape[-1]:
+            return state
+        new_grid = self.patch_embed.grid_size
+        log(f'pretrained: interpolating pos_embed from {int(round((pe.shape[1] - 1) ** 0.5))}^2 '
+            f'to {new_grid}^2 patches')
+        state = dict(state)
+        state[pos] = interpolate_pos_embed(np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe),
+                                           new_grid)
+        return state
+
+    def init_missing_head(self, missing, std):
+        """After a partial load (names `missing` were not in the checkpoint): initialise afresh
+        what the model needs so (a classifier's head). Returns whether it did."""
+        return False
+
 
 def take_indices(indices, num_blocks):
     """timm's feature_take_indices: block indices -> sorted 0-based list without repeats.
@@ -574,6 +596,14 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
         trunc_normal_(linear.weight, std)
         zeros_(linear.bias)
 
+    def init_missing_head(self, missing, std):
+        """A head whose Linear the checkpoint lacks gets trunc-normal std (a pre-trained
+        encoder under a new head; the linear probe's head.0 is a BatchNorm without weights)."""
+        if not any(k.startswith('head.') and not k.startswith('head.0.') for k in missing):
+            return False
+        self.init_head(std)
+        return True
+
     def no_weight_decay(self):
         """Parameter names exempt from weight decay beyond the 1-D ones: timm's, which official
         fine-tuning (main_finetune.py) passes on as its skip list; plus the relative position
@@ -632,9 +662,9 @@ def add_linear_probe_head(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Factories and build_model
+# Factories and build_from_config
 # ----------------------------------------------------------------------------------------------
-_SIZES = {  # the named sizes (official MAE / timm): label, encoder shape
+SIZES = {  # the named sizes (official MAE / timm): label, encoder shape
     'base_patch16': ('ViT-B/16', dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                       mlp_ratio=4.)),
     'large_patch16': ('ViT-L/16', dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
@@ -644,9 +674,9 @@ _SIZES = {  # the named sizes (official MAE / timm): label, encoder shape
 }
 MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # every size
 NAMED_SHAPES = {  # factory name -> (label, constructor keywords of the shape)
-    **{f'vit_{arch}': (label, shape) for arch, (label, shape) in _SIZES.items()},
+    **{f'vit_{arch}': (label, shape) for arch, (label, shape) in SIZES.items()},
     **{f'mae_vit_{arch}': (f'MAE {label}', dict(shape, **MAE_DECODER))
-       for arch, (label, shape) in _SIZES.items()}}
+       for arch, (label, shape) in SIZES.items()}}
 
 # constructor keyword <- config key, for the shape
 ENCODER_KEYS = {'patch_size': 'MODEL.ENCODER.PATCH_SIZE', 'embed_dim': 'MODEL.ENCODER.EMBED_DIM',
@@ -747,11 +777,3 @@ def build_from_config(config, features_only=False):
                       global_pool=m.GLOBAL_POOL, rel_pos_bias=m.REL_POS_BIAS,
                       features_only=features_only)
     return FACTORIES[m.NAME](**kwargs)
-
-
-def build_model(config):
-    """The model a config describes, as its task (TRAIN.MODE, tasks.py) trains it: the network of
-    build_from_config with the task's head and what the task freezes frozen (the linear probe:
-    BN + Linear head on a frozen encoder)."""
-    import tasks  # (lazy: tasks builds on this module)
-    return tasks.get_task(config).build_model()

@@ -1,5 +1,4 @@
-"""Shared by the entry points and tools: user errors, distributed set-up, seeding, logging,
-and the entry points' flags -> config.
+"""Shared by every layer: user errors and run_main, distributed helpers, AMP, seeding, logging.
 
 Importing this module only defines things; process set-up (threads, MKL path, malloc, Paddle
 flags) is runtime.setup_process(), which entry points call first.
@@ -15,6 +14,9 @@ import zlib
 import numpy as np
 import paddle
 import paddle.distributed as dist
+
+import config as cfgmod
+from config import ConfigError
 
 
 class UserError(Exception):
@@ -32,7 +34,6 @@ class Stopped(Exception):
 def run_main(main):
     """Run an entry point: a user's mistake prints one 'error: ...' line and exits 2; a run
     stopped by SIGINT / SIGTERM prints how to go on and exits 130 / 143, without a traceback."""
-    from config import ConfigError
     try:
         main()
     except (UserError, ConfigError) as e:
@@ -170,6 +171,38 @@ def seed_everything(*keys, include_paddle=True):
 # ---------------------------------------------------------------------------------------------
 # logging
 # ---------------------------------------------------------------------------------------------
+class MetricLogger:
+    """Named values averaged over a report window and over the epoch (the official
+    util/misc.py MetricLogger's job, kept small): update() per iteration, window() at each
+    report (then a new window starts), epoch() at the end; both means are over all processes.
+    """
+
+    def __init__(self):
+        self.window_sums, self.epoch_sums = {}, {}
+        self.window_count = self.epoch_count = 0
+        self.window_start = time.time()
+
+    def update(self, **values):
+        for k, v in values.items():
+            self.window_sums[k] = self.window_sums.get(k, 0.0) + float(v)
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
+        self.window_count += 1
+        self.epoch_count += 1
+
+    def window(self):
+        """-> ({name: mean over the window and all processes}, iterations, seconds); resets."""
+        means = {k: all_reduce_mean(v / max(self.window_count, 1))
+                 for k, v in self.window_sums.items()}
+        count, seconds = self.window_count, time.time() - self.window_start
+        self.window_sums, self.window_count, self.window_start = {}, 0, time.time()
+        return means, count, seconds
+
+    def epoch(self):
+        """{name: mean over the epoch and all processes}."""
+        return {k: all_reduce_mean(v / max(self.epoch_count, 1))
+                for k, v in self.epoch_sums.items()}
+
+
 class Logger:
     """Prints on the main process, appends one JSON object per epoch to log.txt, and writes
     scalars to VisualDL (vdl/) when visualdl is installed: per-iteration values under
@@ -188,7 +221,6 @@ class Logger:
         Called once everything a user can get wrong has been checked and built."""
         if not (self.main and self.output_dir):
             return
-        import config as cfgmod
         os.makedirs(self.output_dir, exist_ok=True)
         cfgmod.dump_config(config, os.path.join(self.output_dir, 'config.yaml'))
         try:
@@ -229,82 +261,3 @@ class Logger:
     def close(self):
         if self.vdl is not None:
             self.vdl.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# entry-point set-up shared by the three main_multi_gpu_*.py scripts
-# ---------------------------------------------------------------------------------------------
-def parse_args(stage, argv=None, can_eval=True):
-    """PaddleViT-style flags (DESIGN.md 3.3); -opts KEY VALUE ... overrides any config key.
-    can_eval: the stage's task evaluates, so -eval is offered."""
-    import argparse
-    doc = getattr(sys.modules.get('__main__'), '__doc__', None)  # the entry point's own text
-    p = argparse.ArgumentParser(description=doc or f'MAE {stage} (PaddlePaddle)',
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-cfg', help='config YAML, e.g. configs/tiny_' + stage + '.yaml (with -eval '
-                   'of a checkpoint of this project: optional, the checkpoint carries its own)')
-    p.add_argument('-data_path', help='folder with train_list.txt / val_list.txt')
-    p.add_argument('-output', help='output folder (checkpoints, log.txt, config.yaml)')
-    p.add_argument('-batch_size', type=int, help='batch size per process')
-    p.add_argument('-pretrained', help='.pdparams to start from')
-    p.add_argument('-resume', help="checkpoint prefix (folder/latest) or 'auto'")
-    if can_eval:
-        p.add_argument('-eval', action='store_true', help='only evaluate -pretrained')
-    p.add_argument('-amp', nargs='?', const='float16', choices=['float16', 'bfloat16'],
-                   help='mixed precision on GPU (default float16)')
-    p.add_argument('-opts', nargs='+', action='extend', default=[],
-                   help='KEY VALUE pairs; may be given more than once, later ones win')
-    return p.parse_args(argv)
-
-
-def setup(stage, argv=None, can_eval=True):
-    """Flags -> checked config (paths, values, the run folder), distributed set-up, seeds;
-    returns (config, args, logger). Nothing is written yet: logger.open(config) starts the run
-    folder once the model and the data are built too."""
-    import checkpoint
-    import config as cfgmod
-    args = parse_args(stage, argv, can_eval)
-    eval_only = getattr(args, 'eval', False)
-    if eval_only:  # the checkpoint's own config, or a -cfg that agrees with it
-        config = checkpoint.config_for(args.cfg, args.pretrained,
-                                       lambda c: cfgmod.update_config(c, args))
-    elif not args.cfg:
-        raise UserError('-cfg FILE is needed, e.g. -cfg configs/tiny_' + stage + '.yaml')
-    else:
-        config = cfgmod.get_config(args.cfg)
-        cfgmod.update_config(config, args)
-    cfgmod.check_values(config)
-    import transformer
-    transformer.model_shape(config)  # an unknown MODEL.NAME, a shape that contradicts it, ...
-    if not config.OUTPUT:  # a folder per config, so that stages and sizes do not collide
-        name = os.path.splitext(os.path.basename(args.cfg))[0] if args.cfg else stage
-        config.OUTPUT = os.path.join('output', name)
-    if config.TRAIN.MODE != stage:
-        raise UserError(f'{args.cfg or args.pretrained}: TRAIN.MODE is {config.TRAIN.MODE!r} '
-                        f'but this script is '
-                        f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
-    shards = config.DATA.TRAIN_SHARDS or config.DATA.VAL_SHARDS
-    if not config.DATA.DATA_PATH and not shards:  # (shards: datasets.build_dataset checks)
-        raise UserError('no data: give -data_path DIR (with train_list.txt / val_list.txt or '
-                        'class sub-folders)')
-    if config.DATA.DATA_PATH and not os.path.isdir(config.DATA.DATA_PATH):
-        raise UserError(f'data folder not found: {config.DATA.DATA_PATH}')
-    if config.MODEL.PRETRAINED:
-        checkpoint.check_file(config.MODEL.PRETRAINED, 'pretrained weights')
-    if config.MODEL.RESUME not in ('', 'auto'):
-        checkpoint.check_file(checkpoint.resume_prefix(config.MODEL.RESUME, '') + '.pdparams',
-                              'checkpoint file')
-    if config.TRAIN.AMP and not paddle.is_compiled_with_cuda():
-        print(f'note: TRAIN.AMP {config.TRAIN.AMP!r} has no effect on CPU; training in float32',
-              file=sys.stderr, flush=True)
-    config.freeze()
-    init_distributed()
-    changed = []
-    if not eval_only:
-        changed = checkpoint.check_run_folder(config)
-        barrier()  # every process has looked at the folder before the main one writes in it
-    seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
-    logger = Logger(None, sys.stderr) if eval_only else Logger(config.OUTPUT)
-    if changed:
-        logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')
-    return config, args, logger

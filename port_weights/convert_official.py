@@ -3,8 +3,8 @@
     python port_weights/convert_official.py --src mae_pretrain_vit_base.pth \
         --dst mae_pretrain_vit_base.pdparams
 
-PyTorch is not needed: the .pth file (a zip written by torch.save, torch >= 1.6) is read with
-zipfile and a restricted unpickler that only rebuilds tensors, OrderedDicts and argparse.Namespace.
+PyTorch is not needed: the .pth file (a zip written by torch.save, torch >= 1.6) is read by
+torchfile.py, whose restricted unpickler only rebuilds tensors, OrderedDicts and argparse.Namespace.
 
 Kinds, detected from the keys:
     pretrain-encoder  cls_token, pos_embed, patch_embed.*, blocks.*, norm.*  (mae_pretrain_vit_*)
@@ -19,20 +19,27 @@ against the Paddle model built from the shapes: every source key used, every tar
 every shape equal.
 """
 import argparse
-import collections
+import contextlib
 import hashlib
-import io
 import math
 import os
-import pickle
 import sys
-import warnings
-import zipfile
-import zlib
 
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process(restart=False)  # before Paddle loads: threads, its import notices
+
+import paddle  # noqa: E402
+
+import torchfile  # noqa: E402
+import transformer  # noqa: E402
 
 # Official release files -> leading hex digits of their md5, as the official READMEs give them.
 OFFICIAL_MD5 = {
@@ -53,9 +60,11 @@ KEY_TABLE = (
     (STEP_COUNTER, None),
 )
 
-# num_heads is not stored in a checkpoint (no shape depends on it): the official sizes.
-OFFICIAL_NUM_HEADS = {768: 12, 1024: 16, 1280: 16}
-OFFICIAL_DECODER_NUM_HEADS = {512: 16}
+# num_heads is not stored in a checkpoint (no shape depends on it): the named sizes'.
+OFFICIAL_NUM_HEADS = {shape['embed_dim']: shape['num_heads']
+                      for _, shape in transformer.SIZES.values()}
+OFFICIAL_DECODER_NUM_HEADS = {
+    transformer.MAE_DECODER['decoder_embed_dim']: transformer.MAE_DECODER['decoder_num_heads']}
 
 KIND_DESCRIPTIONS = {
     'pretrain-encoder': 'MAE pre-trained encoder (cls_token, pos_embed, patch_embed, blocks, norm)',
@@ -68,266 +77,20 @@ class ConversionError(Exception):
     """A problem with the user's input; main() prints it as one line, without a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Torch-free reader for torch.save zip files
-# ----------------------------------------------------------------------------------------------
-# torch storage class -> dtype of its raw bytes ('bfloat16' is read as uint16 and widened)
-STORAGE_DTYPES = {
-    'FloatStorage': 'float32', 'DoubleStorage': 'float64', 'HalfStorage': 'float16',
-    'BFloat16Storage': 'bfloat16', 'LongStorage': 'int64', 'IntStorage': 'int32',
-    'ShortStorage': 'int16', 'CharStorage': 'int8', 'ByteStorage': 'uint8',
-    'BoolStorage': 'bool',
-}
-# torch dtype objects, pickled by name (torch.float32 -> global 'torch float32')
-TORCH_DTYPES = {
-    'float32': 'float32', 'float': 'float32', 'float64': 'float64', 'double': 'float64',
-    'float16': 'float16', 'half': 'float16', 'bfloat16': 'bfloat16', 'int64': 'int64',
-    'long': 'int64', 'int32': 'int32', 'int': 'int32', 'int16': 'int16', 'short': 'int16',
-    'int8': 'int8', 'uint8': 'uint8', 'bool': 'bool',
-}
-
-
-class _StorageType:
-    """Stands for a torch.*Storage class in the pickle."""
-
-    def __init__(self, name):
-        self.name = name
-        self.dtype = STORAGE_DTYPES[name]
-
-
-class TorchDtype:
-    """Stands for a torch dtype object (e.g. torch.float32) met in a pickle; .name is numpy's."""
-
-    def __init__(self, name):
-        self.name = TORCH_DTYPES[name]
-
-    def __repr__(self):
-        return f'torch.{self.name}'
-
-
-class CheckpointArgs:
-    """Plain stand-in for the argparse.Namespace of training checkpoints: attributes only."""
-
-    def __repr__(self):
-        return f'CheckpointArgs({vars(self)})'
-
-
-class _Storage:
-    __slots__ = ('key', 'dtype', 'numel')
-
-    def __init__(self, key, dtype, numel):
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _LazyTensor:
-    """A tensor record from data.pkl; its bytes are read from the zip only when needed, so the
-    optimizer state of a training checkpoint is never loaded."""
-    __slots__ = ('storage', 'offset', 'shape', 'stride')
-
-    def __init__(self, storage, offset, shape, stride):
-        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
-
-
-def _is_int_tuple(x):
-    return isinstance(x, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    size, stride = tuple(size), tuple(stride)
-    if not (isinstance(storage, _Storage) and isinstance(storage_offset, int)
-            and _is_int_tuple(size) and _is_int_tuple(stride) and len(size) == len(stride)):
-        raise ConversionError('malformed tensor record in data.pkl')
-    return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None, state=None):
-    return data
-
-
-_ALLOWED_GLOBALS = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter_with_state,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('argparse', 'Namespace'): CheckpointArgs,
-}
-_ALLOWED_GLOBALS.update({('torch', n): _StorageType(n) for n in STORAGE_DTYPES})
-_ALLOWED_GLOBALS.update({('torch', n): TorchDtype(n) for n in TORCH_DTYPES})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds only tensors, OrderedDicts and Namespaces: a checkpoint cannot run code."""
-
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise ConversionError(
-                f'refusing to load {module}.{name}: the pickle references a global that a weights '
-                f'file does not need (allowed: tensors, OrderedDict, argparse.Namespace)') from None
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
-            raise ConversionError(f'unknown persistent record {pid!r:.80} in data.pkl')
-        _, storage_type, key, _location, numel = pid
-        if isinstance(storage_type, TorchDtype):
-            dtype = storage_type.name
-        elif isinstance(storage_type, _StorageType):
-            dtype = storage_type.dtype
-        else:
-            raise ConversionError(f'storage record {key!r} has no known storage type')
-        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-            raise ConversionError('malformed storage record in data.pkl')
-        return _Storage(key, dtype, numel)
-
-
-def _describe_non_zip(path):
-    with open(path, 'rb') as f:
-        head = f.read(512)
-    if not head:
-        return 'the file is empty'
-    if head.startswith(b'PK\x03\x04'):
-        return ('the zip archive is incomplete or corrupted (truncated download?): '
-                'download it again')
-    if path.endswith(('.pdparams', '.pdopt', '.pdiparams')):
-        return ('this is a Paddle file already (written by paddle.save): give it to the entry '
-                'points as it is (-pretrained FILE.pdparams); --src takes an official .pth')
-    if head.startswith(b'\x80') or head[257:262] == b'ustar':
-        return ('this is a legacy (torch < 1.6) checkpoint or a plain pickle, which this reader '
-                'does not open; re-save it with a torch >= 1.6, e.g. python -c "import torch; '
-                "torch.save(torch.load('OLD.pth', map_location='cpu'), 'NEW.pth')\"")
-    return 'not a PyTorch checkpoint (not a zip archive written by torch.save)'
-
-
-class TorchZipReader:
-    """Reads a torch.save zip (torch >= 1.6) without torch: `with TorchZipReader(p) as r:
-    obj = r.load()` gives the pickled object with tensors as lazy records; `r.array(t)` or
-    `r.materialize(obj)` turns them into numpy arrays. Errors: ConversionError naming the file."""
-
-    def __init__(self, path):
-        self.path = path
-        self.zip = None
-
-    def _error(self, msg):
-        return ConversionError(f'{self.path}: {msg}')
-
-    def __enter__(self):
-        if not os.path.isfile(self.path):
-            raise self._error('no such file')
-        try:
-            if not zipfile.is_zipfile(self.path):
-                raise self._error(_describe_non_zip(self.path))
-            self.zip = zipfile.ZipFile(self.path)
-        except (OSError, zipfile.BadZipFile) as e:
-            raise self._error(f'cannot open: {e}') from None
-        pkls = [n for n in self.zip.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-        if len(pkls) != 1:
-            self.zip.close()
-            raise self._error('a zip archive but not a PyTorch checkpoint (no <dir>/data.pkl)')
-        self.prefix = pkls[0][:-len('data.pkl')]
-        self.byteorder = '<'
-        if self.prefix + 'byteorder' in self.zip.namelist():
-            order = self._read(self.prefix + 'byteorder').strip()
-            if order not in (b'little', b'big'):
-                raise self._error(f'unknown byteorder {order[:20]!r}')
-            self.byteorder = '<' if order == b'little' else '>'
-        return self
-
-    def __exit__(self, *exc):
-        if self.zip is not None:
-            self.zip.close()
-
-    def _read(self, name):
-        try:
-            return self.zip.read(name)
-        except KeyError:
-            raise self._error(f'{name} is missing from the archive') from None
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
-            raise self._error(f'corrupted archive member {name}: {e}') from None
-
-    def load(self):
-        data = self._read(self.prefix + 'data.pkl')
-        try:
-            return _RestrictedUnpickler(io.BytesIO(data)).load()
-        except ConversionError as e:
-            raise self._error(str(e)) from None
-        except Exception as e:  # a damaged pickle can fail in many ways; all are the file's fault
-            raise self._error(f'data.pkl cannot be read ({type(e).__name__}: {e})') from None
-
-    def array(self, t):
-        """_LazyTensor -> numpy array (a copy; bfloat16 widened to float32)."""
-        st = t.storage
-        raw_dtype = 'uint16' if st.dtype == 'bfloat16' else st.dtype
-        dt = np.dtype(raw_dtype).newbyteorder(self.byteorder)
-        raw = self._read(f'{self.prefix}data/{st.key}')
-        if len(raw) < st.numel * dt.itemsize:
-            raise self._error(f'storage data/{st.key} holds {len(raw)} bytes, '
-                              f'expected {st.numel * dt.itemsize}')
-        buf = np.frombuffer(raw, dtype=dt, count=st.numel)
-        if any(s == 0 for s in t.shape):
-            out = np.zeros(t.shape, dtype=buf.dtype.newbyteorder('='))
-        else:
-            last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride))
-            if t.offset < 0 or min(t.stride, default=0) < 0 or last >= st.numel:
-                raise self._error(f'a tensor reaches outside its storage data/{st.key}')
-            view = np.lib.stride_tricks.as_strided(
-                buf[t.offset:], shape=t.shape, strides=[s * dt.itemsize for s in t.stride],
-                writeable=False)
-            out = np.array(view, dtype=dt.newbyteorder('='))  # copy, native byte order
-        if st.dtype == 'bfloat16':  # bfloat16 = the upper half of a float32
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out
-
-    def materialize(self, obj):
-        """Replace every lazy tensor in nested dicts / lists / tuples / args by a numpy array."""
-        if isinstance(obj, _LazyTensor):
-            return self.array(obj)
-        if isinstance(obj, dict):
-            for k in list(obj):
-                obj[k] = self.materialize(obj[k])
-            return obj
-        if isinstance(obj, list):
-            return [self.materialize(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self.materialize(v) for v in obj)
-        if isinstance(obj, CheckpointArgs):
-            self.materialize(vars(obj))
-        return obj
-
-
 def load_torch_checkpoint(path):
-    """Read a torch.save zip file (torch >= 1.6) without PyTorch.
-
-    Returns the saved object with tensors as numpy arrays (bfloat16 -> float32), argparse
-    Namespaces as CheckpointArgs. Raises ConversionError (naming the file) for anything that
-    is not such a file or that references a global other than tensors/OrderedDict/Namespace.
-    """
-    with TorchZipReader(path) as reader:
-        return reader.materialize(reader.load())
+    """torchfile.load: the object a torch.save file holds, tensors as numpy arrays."""
+    try:
+        return torchfile.load(path)
+    except torchfile.FormatError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _read_state_dict(path):
     """-> (state_dict of numpy arrays, names of the other top-level entries, which are ignored)."""
-    with TorchZipReader(path) as reader:
-        obj = reader.load()
-        if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
-            sd, ignored = obj['model'], sorted(str(k) for k in obj if k != 'model')
-        elif (isinstance(obj, dict) and obj
-              and all(isinstance(v, _LazyTensor) for v in obj.values())):
-            sd, ignored = obj, []
-        else:
-            keys = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise reader._error(f"holds neither {{'model': state_dict}} nor a state_dict "
-                                f'(found: {keys})')
-        for k, v in sd.items():
-            if not isinstance(k, str) or not isinstance(v, _LazyTensor):
-                raise reader._error(f'entry {k!r} of the state_dict is not a tensor')
-        return {k: reader.array(v) for k, v in sd.items()}, ignored
+    try:
+        return torchfile.load_state_dict(path)
+    except torchfile.FormatError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,22 +188,10 @@ def infer_architecture(sd, kind):
     return 'VisionTransformer', arch
 
 
-def _import_paddle():
-    with warnings.catch_warnings():  # keep Paddle's import-time notices (ccache ...) off stderr
-        warnings.simplefilter('ignore')
-        import paddle
-    return paddle
-
-
 def target_shapes(model_name, arch):
     """Build the transformer.py model (lazily: no weights allocated) -> {key: shape}."""
-    paddle = _import_paddle()
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    import transformer
-
     kwargs = {k: v for k, v in arch.items() if k != 'linear_probe'}
-    guard = paddle.LazyGuard() if hasattr(paddle, 'LazyGuard') else _NullContext()
+    guard = paddle.LazyGuard() if hasattr(paddle, 'LazyGuard') else contextlib.nullcontext()
     device = paddle.get_device()
     paddle.set_device('cpu')  # only shapes are needed: never take GPU memory for them
     try:
@@ -451,14 +202,6 @@ def target_shapes(model_name, arch):
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     finally:
         paddle.set_device(device)
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def convert_key(key):
@@ -578,7 +321,7 @@ def convert_file(src, dst, log=print):
     del sd
     info.update(md5=md5, official=status, ignored=ignored, src=src, dst=dst)
 
-    write_atomically(dst, lambda tmp: _import_paddle().save(out, tmp))
+    write_atomically(dst, lambda tmp: paddle.save(out, tmp))
 
     arch = info['arch']
     log(f'kind: {_describe_kind(kind, arch)}')
@@ -614,18 +357,21 @@ def write_atomically(path, write, error=ConversionError):
 
 def usage(kind, arch, dst):
     """The config (and -opts) that build the converted model: a named size's config where the
-    shape is one, MODEL.NAME *_custom with the shape keys otherwise."""
-    size = {(16, 768, 12): 'vit_base_patch16', (16, 1024, 24): 'vit_large_patch16',
-            (14, 1280, 32): 'vit_huge_patch14'}.get(
-        (arch['patch_size'], arch['embed_dim'], arch['depth']))
-    named = size is not None and arch['mlp_ratio'] == 4.0 and arch['in_chans'] == 3
+    shape is one (transformer.SIZES; heads are not stored, so not compared), MODEL.NAME
+    *_custom with the shape keys otherwise."""
+    size = next((s for s, (_, shape) in transformer.SIZES.items()
+                 if all(arch[k] == shape[k] for k in ('patch_size', 'embed_dim', 'depth'))),
+                None)
+    named = (size is not None and arch['mlp_ratio'] == transformer.SIZES[size][1]['mlp_ratio']
+             and arch['in_chans'] == 3)
     stage = {'pretrain-full': 'pretrain', 'pretrain-encoder': 'finetune'}.get(kind, 'finetune')
     if kind == 'finetuned' and arch.get('linear_probe'):
         stage = 'linearprobe'
     mae = kind == 'pretrain-full'
-    if mae and (arch['decoder_embed_dim'], arch['decoder_depth']) != (512, 8):
+    if mae and any(arch[k] != transformer.MAE_DECODER[k]
+                   for k in ('decoder_embed_dim', 'decoder_depth')):
         named = False
-    cfg = f'configs/{size or "vit_base_patch16"}_224_{stage}.yaml'
+    cfg = f'configs/vit_{size or "base_patch16"}_224_{stage}.yaml'
     opts = []
     if not named:
         opts += ['MODEL.NAME', 'mae_vit_custom' if mae else 'vit_custom',

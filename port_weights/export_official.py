@@ -16,8 +16,8 @@ stored dtype (bfloat16 is widened to float32), contiguous, little-endian.
 Outputs (any of them; everything is checked before anything is written, and every file is
 written under a temporary name and renamed, so a failed run leaves nothing half-written):
     --dst Y.pth          {'model': state_dict} like the official files, written WITHOUT PyTorch
-                         (a zip in torch.save's layout: archive/data.pkl, archive/data/<n>,
-                         archive/byteorder, archive/version), read by
+                         by torchfile.py (a zip in torch.save's layout: archive/data.pkl,
+                         archive/data/<n>, archive/byteorder, archive/version), read by
                          torch.load(Y, weights_only=True) and by convert_official.py.
     --dst Y.safetensors  the state dict alone, metadata {'format': 'pt'} (timm reads it:
                          timm.create_model(..., pretrained=True,
@@ -55,10 +55,8 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -71,12 +69,15 @@ import runtime  # noqa: E402
 if __name__ == '__main__':
     runtime.setup_process(restart=False)  # before Paddle loads: threads, its import notices
 
+import checkpoint  # noqa: E402
+import config as cfgmod  # noqa: E402
+import torchfile  # noqa: E402
+import transformer  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402  (the key table and the rule)
-from utils import UserError  # noqa: E402
+from utils import UserError, run_main  # noqa: E402
 
 PTH_SUFFIXES = ('.pth', '.pt')
 SAFETENSORS_SUFFIX = '.safetensors'
-STORAGE_ALIGNMENT = 64  # torch.save aligns every record's data to 64 bytes (mmap loading)
 HF_FILES = ('config.json', 'model.safetensors')
 
 
@@ -93,7 +94,6 @@ def _to_numpy(value):
 
 def load_source(path):
     """-> (Paddle-layout state dict {key: numpy array}, the `_meta` entry or None)."""
-    import checkpoint
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such file')
     if path.endswith(PTH_SUFFIXES) or checkpoint.is_torch_checkpoint(path):
@@ -124,7 +124,6 @@ def load_source(path):
 def _meta_config(meta, path):
     if not meta or not isinstance(meta, dict) or not meta.get('config'):
         return None
-    import config as cfgmod
     return cfgmod.from_text(meta['config'], f'the config saved in {path}')
 
 
@@ -173,145 +172,16 @@ def encoder_only(official):
 
 
 # ----------------------------------------------------------------------------------------------
-# .pth without PyTorch: torch.save's zip layout
+# .pth, safetensors, HuggingFace ViTMAE
 # ----------------------------------------------------------------------------------------------
-_STORAGE_NAMES = {np.dtype(d): name for name, d in C.STORAGE_DTYPES.items() if d != 'bfloat16'}
-
-
-def _pickle_bytes(obj):
-    """obj (dicts, OrderedDicts, lists, tuples, str, int, float, bool, None, numpy arrays) ->
-    (data.pkl in torch.save's protocol-2 form, the arrays in storage-key order).
-
-    Written opcode by opcode: the globals (torch._utils._rebuild_tensor_v2, torch.FloatStorage,
-    collections.OrderedDict) are names in the stream and need no torch here. No memo is used;
-    every array is its own storage, tensors are contiguous."""
-    out, arrays = [b'\x80\x02'], []
-
-    def text(s):
-        b = s.encode('utf-8')
-        out.append(b'X' + struct.pack('<I', len(b)) + b)
-
-    def integer(i):
-        if 0 <= i < 256:
-            out.append(b'K' + bytes([i]))
-        elif 0 <= i < 65536:
-            out.append(b'M' + struct.pack('<H', i))
-        elif -2 ** 31 <= i < 2 ** 31:
-            out.append(b'J' + struct.pack('<i', i))
-        else:
-            b = i.to_bytes((i.bit_length() + 8) // 8, 'little', signed=True)
-            out.append(b'\x8a' + bytes([len(b)]) + b)
-
-    def items(pairs):
-        pairs = list(pairs)
-        if pairs:
-            out.append(b'(')
-            for k, v in pairs:
-                emit(k)
-                emit(v)
-            out.append(b'u')
-
-    def tensor(a):
-        if a.dtype not in _STORAGE_NAMES:
-            raise UserError(f'no torch storage type for dtype {a.dtype}')
-        key = str(len(arrays))
-        arrays.append(a)
-        shape = tuple(int(s) for s in a.shape)
-        stride = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
-        out.append(b'ctorch._utils\n_rebuild_tensor_v2\n(')
-        out.append(b'(')  # persistent id: ('storage', torch.XStorage, key, 'cpu', numel)
-        text('storage')
-        out.append(b'ctorch\n' + _STORAGE_NAMES[a.dtype].encode() + b'\n')
-        text(key)
-        text('cpu')
-        integer(int(a.size))
-        out.append(b'tQ')
-        integer(0)  # storage offset
-        emit(shape)
-        emit(stride)
-        out.append(b'\x89')  # requires_grad False
-        out.append(b'ccollections\nOrderedDict\n)R')  # backward hooks
-        out.append(b'tR')
-
-    def emit(x):
-        if isinstance(x, np.ndarray):
-            tensor(x)
-        elif x is None:
-            out.append(b'N')
-        elif isinstance(x, (bool, np.bool_)):
-            out.append(b'\x88' if x else b'\x89')
-        elif isinstance(x, (int, np.integer)):
-            integer(int(x))
-        elif isinstance(x, (float, np.floating)):
-            out.append(b'G' + struct.pack('>d', float(x)))
-        elif isinstance(x, str):
-            text(x)
-        elif isinstance(x, tuple):
-            if not x:
-                out.append(b')')
-            else:
-                out.append(b'(')
-                for v in x:
-                    emit(v)
-                out.append(b't')
-        elif isinstance(x, list):
-            out.append(b']')
-            if x:
-                out.append(b'(')
-                for v in x:
-                    emit(v)
-                out.append(b'e')
-        elif isinstance(x, collections.OrderedDict):
-            out.append(b'ccollections\nOrderedDict\n)R')
-            items(x.items())
-        elif isinstance(x, dict):
-            out.append(b'}')
-            items(x.items())
-        else:
-            raise TypeError(f'cannot write {type(x).__name__} into a torch checkpoint')
-
-    emit(obj)
-    out.append(b'.')
-    return b''.join(out), arrays
-
-
-def _add_record(zf, name, data):
-    """One stored (uncompressed) member whose data starts on a STORAGE_ALIGNMENT boundary, as
-    torch's writer pads it (an 'FB' extra field), so torch.load(mmap=True) can map it."""
-    if isinstance(data, np.ndarray):
-        arr = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder('<'))
-        view = memoryview(arr.reshape(-1).view(np.uint8))
-    else:
-        view = memoryview(data)
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    info.file_size = view.nbytes
-    zip64 = view.nbytes * 1.05 > zipfile.ZIP64_LIMIT  # (zipfile's own rule: adds 20 bytes)
-    used = zf.fp.tell() + 30 + len(name.encode('utf-8')) + 4 + (20 if zip64 else 0)
-    pad = (-used) % STORAGE_ALIGNMENT
-    info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
-    with zf.open(info, 'w', force_zip64=zip64) as f:
-        step = 1 << 26
-        for i in range(0, view.nbytes, step):
-            f.write(view[i:i + step])
-
-
 def write_pth(path, obj):
-    """torch.save's zip layout (torch >= 1.6), without torch: archive/data.pkl, one
-    archive/data/<key> per storage (raw little-endian bytes), byteorder, version."""
-    data_pkl, arrays = _pickle_bytes(obj)
-    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
-        _add_record(zf, 'archive/data.pkl', data_pkl)
-        _add_record(zf, 'archive/byteorder', b'little')
-        for i, a in enumerate(arrays):
-            _add_record(zf, f'archive/data/{i}', a)
-        _add_record(zf, 'archive/version', b'3\n')
+    """torchfile.save: torch.save's zip layout, without torch."""
+    try:
+        torchfile.save(obj, path)
+    except torchfile.FormatError as e:
+        raise UserError(str(e)) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# safetensors, HuggingFace ViTMAE
-# ----------------------------------------------------------------------------------------------
 def _safetensors_numpy():
     try:
         import safetensors.numpy
@@ -387,7 +257,6 @@ def _hf_settings(args, arch, config, src):
     """-> (heads, decoder heads, norm_pix_loss, mask_ratio, where they come from)."""
     from_config = None
     if config is not None and config.MODEL.NAME.startswith('mae_'):
-        import transformer
         shape = transformer.model_shape(config)
         from_config = dict(num_heads=shape['num_heads'],
                            decoder_num_heads=shape['decoder_num_heads'],
@@ -566,5 +435,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    import utils
-    utils.run_main(main)
+    run_main(main)

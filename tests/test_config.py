@@ -184,7 +184,7 @@ def test_every_train_mode_is_a_task_and_each_task_has_an_entry_point():
     assert set(cfgmod.CHOICES['TRAIN.MODE']) == set(tasks.TASKS)
     for mode in tasks.TASKS:
         with open(os.path.join(ROOT, f'main_multi_gpu_{mode}.py')) as f:
-            assert f'runtime.main({mode!r})' in f.read()
+            assert f'cli.main({mode!r})' in f.read()
 
 
 def test_every_shipped_config_passes_the_value_checks_and_a_bad_value_is_named():

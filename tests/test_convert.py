@@ -3,7 +3,6 @@
 torch is used here only to WRITE input files in the official format (torch.save), built from
 tiny Paddle models; the converter itself never imports it.
 """
-import argparse
 import hashlib
 import os
 import subprocess
@@ -23,85 +22,17 @@ with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     import paddle
 
-import transformer as T  # noqa: E402
+from helpers import make_case, paddle_numpy_sd, tiny_mae, tiny_vit, to_torch_sd  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
-TINY_DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def tiny_mae():
-    return T.MaskedAutoencoderViT(**TINY, **TINY_DECODER)
-
-
-def tiny_vit(global_pool=True, num_classes=10, linear_probe=False):
-    m = T.VisionTransformer(**TINY, num_classes=num_classes, global_pool=global_pool)
-    if linear_probe:
-        T.add_linear_probe_head(m)
-    return m
-
-
-def paddle_numpy_sd(model):
-    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
-
-
-def to_torch_sd(sd):
-    """Paddle-layout numpy state_dict -> official torch layout: Linear weights [out, in],
-    BatchNorm buffers running_mean / running_var / num_batches_tracked."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith('._mean'):
-            out[k[:-len('._mean')] + '.running_mean'] = torch.from_numpy(v)
-            out[k[:-len('._mean')] + '.num_batches_tracked'] = torch.tensor(7)
-        elif k.endswith('._variance'):
-            out[k[:-len('._variance')] + '.running_var'] = torch.from_numpy(v)
-        elif k.endswith('.weight') and v.ndim == 2:
-            out[k] = torch.from_numpy(np.ascontiguousarray(v.T))
-        else:
-            out[k] = torch.from_numpy(v)
-    return out
-
-
 def run_cli(src, dst, env=None):
     return subprocess.run(
         [sys.executable, 'port_weights/convert_official.py', '--src', str(src), '--dst', str(dst)],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-
-
-def encoder_only(sd):
-    return {k: v for k, v in sd.items() if not (k.startswith('decoder_') or k == 'mask_token')}
-
-
-def make_case(name):
-    """-> (object to torch.save, expected Paddle numpy state_dict, fresh target model, kind)."""
-    paddle.seed(0)
-    if name == 'pretrain-encoder':
-        expected = encoder_only(paddle_numpy_sd(tiny_mae()))
-        return ({'model': to_torch_sd(expected)}, expected,
-                tiny_vit(global_pool=False, num_classes=0), 'pretrain-encoder')
-    if name == 'pretrain-full':  # an official training checkpoint: more than the weights
-        expected = paddle_numpy_sd(tiny_mae())
-        obj = {'model': to_torch_sd(expected), 'epoch': 799, 'scaler': {'scale': 65536.0},
-               'optimizer': {'state': {0: {'exp_avg': torch.ones(3)}}, 'param_groups': []},
-               'args': argparse.Namespace(model='mae_vit_tiny', blr=1.5e-4)}
-        return obj, expected, tiny_mae(), 'pretrain-full'
-    if name == 'finetuned-global-pool':  # bare state_dict, no {'model': ...}
-        expected = paddle_numpy_sd(tiny_vit(global_pool=True))
-        return to_torch_sd(expected), expected, tiny_vit(global_pool=True), 'finetuned'
-    if name == 'finetuned-cls-token':
-        expected = paddle_numpy_sd(tiny_vit(global_pool=False))
-        return {'model': to_torch_sd(expected)}, expected, tiny_vit(global_pool=False), 'finetuned'
-    if name == 'linear-probe':
-        expected = paddle_numpy_sd(tiny_vit(global_pool=False, linear_probe=True))
-        rng = np.random.default_rng(0)  # BN buffers that differ from their init values
-        expected['head.0._mean'] = rng.normal(size=64).astype('float32')
-        expected['head.0._variance'] = rng.uniform(0.5, 2, size=64).astype('float32')
-        return ({'model': to_torch_sd(expected)}, expected,
-                tiny_vit(global_pool=False, linear_probe=True), 'finetuned')
-    raise ValueError(name)
 
 
 def assert_converted(dst, expected, model):
@@ -129,6 +60,7 @@ def assert_user_error(proc, src, dst, phrase):
 # ----------------------------------------------------------------------------------------------
 # round trips through the command line
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['pretrain-encoder', 'pretrain-full', 'finetuned-global-pool',
                                   'finetuned-cls-token', 'linear-probe'])
 def test_round_trip_cli(tmp_path, name):
@@ -149,6 +81,7 @@ def test_round_trip_cli(tmp_path, name):
             in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_works_without_torch(tmp_path):
     blocker = tmp_path / 'no_torch'
     blocker.mkdir()
@@ -167,6 +100,7 @@ def test_cli_works_without_torch(tmp_path):
     assert_converted(dst, expected, model)
 
 
+@pytest.mark.slow
 def test_official_name_with_other_md5_warns(tmp_path):
     obj, expected, model, _ = make_case('pretrain-encoder')
     src, dst = tmp_path / 'mae_pretrain_vit_base.pth', tmp_path / 'out.pdparams'
@@ -239,6 +173,7 @@ def _write_bad(kind, src, tmp_path):
     raise ValueError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['missing', 'empty', 'truncated', 'random-bytes',
                                   'zip-not-checkpoint', 'legacy-format', 'not-a-state-dict',
                                   'unknown-key', 'missing-key', 'wrong-shape', 'distilled',
@@ -251,6 +186,7 @@ def test_bad_input(tmp_path, kind):
     assert not (tmp_path / 'pwned').exists()
 
 
+@pytest.mark.slow
 def test_missing_dst_folder(tmp_path):
     src, dst = tmp_path / 'in.pth', tmp_path / 'no_such_dir' / 'out.pdparams'
     _valid_finetuned(src)
@@ -341,12 +277,14 @@ def test_convert_state_dict_arch_info():
     assert 96 % C._guess_heads(96, C.OFFICIAL_NUM_HEADS) == 0
 
 
+@pytest.mark.slow
 def test_a_pdparams_as_src_is_named_as_a_paddle_file(tmp_path):
     src, dst = tmp_path / 'mine.pdparams', tmp_path / 'out.pdparams'
     paddle.save(paddle_numpy_sd(tiny_vit(global_pool=True)), str(src))
     assert_user_error(run_cli(src, dst), src, dst, 'this is a Paddle file already')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['finetuned-global-pool', 'linear-probe', 'pretrain-full'])
 def test_printed_usage_builds_a_model_the_weights_fit(tmp_path, name):
     """The 'use it with:' line: its -cfg and -opts build exactly the converted model (checked

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_helpers as H
-import augment
+import helpers as H
 import datasets
+import sources
+import tasks
 from datasets import BadImageError, DataError
 
 
@@ -88,7 +89,7 @@ def test_class_folders(tmp_path):
             H.noise_image(8, 8, i).save(tmp_path / 'train' / cls / 'sub' / f'{i}.JPEG')
     (tmp_path / 'train' / 'a_cat' / 'notes.txt').write_text('not an image')
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=2)
-    ds = datasets.build_dataset(cfg, is_train=True)
+    ds = sources.build_dataset(cfg, is_train=True)
     assert isinstance(ds, datasets.ImageFolderDataset)
     assert ds.classes == ['a_cat', 'b_dog'] and ds.labels.tolist() == [0, 0, 0, 1, 1]
     image, label, sample_id = ds[4]
@@ -110,8 +111,8 @@ def test_val_folders_get_the_training_class_map(tmp_path):
     _folders(tmp_path, 'val', ['circle', 'triangle'], n=2)
     _folders(tmp_path / 'val' / 'triangle', '.ipynb_checkpoints', ['x'])
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=3)
-    train = datasets.build_dataset(cfg, is_train=True)
-    val = datasets.build_dataset(cfg, is_train=False)
+    train = sources.build_dataset(cfg, is_train=True)
+    val = sources.build_dataset(cfg, is_train=False)
     assert train.classes == val.classes == ['circle', 'square', 'triangle']
     assert val.labels.tolist() == [0, 0, 2, 2] and len(train) == 3
 
@@ -122,17 +123,17 @@ def test_class_folder_mistakes_are_errors_naming_the_folders(tmp_path):
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path))  # NUM_CLASSES 10
     with pytest.raises(DataError, match=r"has 3 class folders \(circle, square, triangle\) but "
                                         r"MODEL.NUM_CLASSES is 10: set -opts MODEL.NUM_CLASSES 3"):
-        datasets.build_dataset(cfg, is_train=True)
+        sources.build_dataset(cfg, is_train=True)
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), MODEL__NUM_CLASSES=3)
     with pytest.raises(DataError, match=r"val/hexagon: a class folder the training set does not "
                                         r"have \(its classes: circle, square, triangle\)"):
-        datasets.build_dataset(cfg, is_train=False)
+        sources.build_dataset(cfg, is_train=False)
 
 
 def test_flat_folder_is_unlabelled_for_pretraining_only(tmp_path):
     os.makedirs(tmp_path / 'train')
     H.noise_image(8, 8).save(tmp_path / 'train' / 'x.png')
-    ds = datasets.build_dataset(H.tiny_config('pretrain', DATA__DATA_PATH=str(tmp_path)), True)
+    ds = tasks.get_task(H.tiny_config('pretrain', DATA__DATA_PATH=str(tmp_path))).build_dataset(True)
     assert ds.labels.tolist() == [datasets.IGNORE_LABEL]
     with pytest.raises(DataError, match='no class sub-folders'):
         datasets.ImageFolderDataset(str(tmp_path / 'train'), require_labels=True)
@@ -141,15 +142,15 @@ def test_flat_folder_is_unlabelled_for_pretraining_only(tmp_path):
 def test_build_dataset_prefers_the_list_and_names_what_is_missing(tmp_path):
     root, _ = make_root(tmp_path)
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=root)
-    ds = datasets.build_dataset(cfg, is_train=False)
+    ds = sources.build_dataset(cfg, is_train=False)
     assert isinstance(ds, datasets.ImageListDataset) and ds.mark_skipped
     os.remove(os.path.join(root, 'val_list.txt'))
     with pytest.raises(DataError, match=r'neither the list file val_list.txt \(DATA.VAL_LIST\)'):
-        datasets.build_dataset(cfg, is_train=False)
+        sources.build_dataset(cfg, is_train=False)
     with pytest.raises(DataError, match='data folder not found'):
-        datasets.build_dataset(H.tiny_config(DATA__DATA_PATH=root + '/nope'), True)
+        sources.build_dataset(H.tiny_config(DATA__DATA_PATH=root + '/nope'), True)
     with pytest.raises(DataError, match='set DATA.DATA_PATH'):
-        datasets.build_dataset(H.tiny_config(), True)
+        sources.build_dataset(H.tiny_config(), True)
 
 
 # ---------------------------------------------------------------------------- awkward images
@@ -192,7 +193,7 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_awkward_images_through_every_transform(awkward, stage):
     cfg = H.tiny_config(stage)
     for is_train in (True, False):
-        transform = augment.build_transform(is_train, cfg)
+        transform = tasks.get_task(cfg).build_transform(is_train)
         for name, (path, _) in awkward.items():
             out = transform(datasets.load_rgb(path))
             assert out.shape == (3, 32, 32) and np.isfinite(out).all(), (name, is_train)
@@ -204,7 +205,7 @@ def test_awkward_images_through_every_transform(awkward, stage):
                                   'missing.jpg'])
 def test_broken_image_error_mode_names_file_and_line(tmp_path, broken, name):
     root, rel = make_root(tmp_path, n_good=2, bad=[os.path.relpath(broken[name], tmp_path)])
-    ds = datasets.build_dataset(H.tiny_config('finetune', DATA__DATA_PATH=root), True)
+    ds = sources.build_dataset(H.tiny_config('finetune', DATA__DATA_PATH=root), True)
     assert ds[0][0].shape == (3, 32, 32)
     with pytest.raises(BadImageError) as e:
         ds[2]
@@ -218,7 +219,7 @@ def test_broken_image_error_mode_names_file_and_line(tmp_path, broken, name):
 def test_broken_image_skip_mode_substitutes_and_counts(tmp_path, broken, name):
     root, rel = make_root(tmp_path, n_good=3, bad=[os.path.relpath(broken[name], tmp_path)])
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__ON_BAD_IMAGE='skip')
-    train = datasets.build_dataset(cfg, True)
+    train = sources.build_dataset(cfg, True)
     image, label, sample_id = train[3]  # bad: replaced by the next readable one, index 0
     assert image.shape == (3, 32, 32) and label == 0 and train.num_skipped == 1
     assert sample_id == 3  # the slot keeps its identity (its seeds, its mask)
@@ -226,7 +227,7 @@ def test_broken_image_skip_mode_substitutes_and_counts(tmp_path, broken, name):
     assert train.num_skipped == 2
     train.reset_skip_count()
     assert train.num_skipped == 0
-    val = datasets.build_dataset(cfg, False)
+    val = sources.build_dataset(cfg, False)
     assert val[3][1] == datasets.IGNORE_LABEL and val[1][1] == 1 and val.num_skipped == 1
 
 
@@ -234,7 +235,7 @@ def test_skip_mode_gives_up_on_a_wrong_folder(tmp_path):
     H.write_list(tmp_path / 'train_list.txt', [f'missing_{i}.jpg 0' for i in range(60)])
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=str(tmp_path), DATA__ON_BAD_IMAGE='skip')
     with pytest.raises(DataError, match='50 unreadable images in a row'):
-        datasets.build_dataset(cfg, True)[0]
+        sources.build_dataset(cfg, True)[0]
 
 
 def _loader_config(root, mode, workers=2):
@@ -260,7 +261,7 @@ def test_bad_image_in_loader_raises_a_clean_error_in_main_process(tmp_path, brok
     root, _ = make_root(tmp_path, n_good=5,
                         bad=[os.path.relpath(broken['truncated.jpg'], tmp_path)])
     cfg = _loader_config(root, 'error', workers)
-    val = datasets.build_dataset(cfg, False)
+    val = sources.build_dataset(cfg, False)
     loader = datasets.build_loader(cfg, val, False)
     delivered = []
     with pytest.raises(BadImageError) as e:
@@ -284,7 +285,7 @@ class Broken:
 def test_a_bug_in_the_loader_surfaces_with_its_traceback(tmp_path, workers, no_hang):
     root, _ = make_root(tmp_path, n_good=4)
     cfg = _loader_config(root, 'error', workers)
-    loader = datasets.build_loader(cfg, datasets.build_dataset(cfg, False, Broken()), False)
+    loader = datasets.build_loader(cfg, sources.build_dataset(cfg, False, Broken()), False)
     if workers == 0:  # loaded in this thread: the exception itself
         with pytest.raises(ZeroDivisionError, match='a bug in a transform'):
             list(loader)
@@ -300,11 +301,11 @@ def test_skips_are_counted_across_workers(tmp_path, broken):
                                                           'not_an_image.jpg')]
     root, _ = make_root(tmp_path, n_good=5, bad=bad)
     cfg = _loader_config(root, 'skip')
-    val = datasets.build_dataset(cfg, False)
+    val = sources.build_dataset(cfg, False)
     labels = np.concatenate([y.numpy() for _, y, _ in datasets.build_loader(cfg, val, False)])
     assert labels.tolist() == [0, 1, 2, 0, 1, -1, -1, -1]
     assert val.num_skipped == 3 + 2 + 1  # 5 -> 6 -> 7 -> 0, 6 -> 7 -> 0, 7 -> 0
-    train = datasets.build_dataset(cfg, True)
+    train = sources.build_dataset(cfg, True)
     loader = datasets.build_loader(cfg, train, True)
     images = [x for x, _, _ in loader]
     assert len(images) == 4 and images[0].shape == [2, 3, 32, 32]

@@ -6,8 +6,9 @@ import numpy as np
 import paddle
 import pytest
 
-import data_helpers as H
+import helpers as H
 import datasets
+import sources
 import tasks
 import utils
 
@@ -117,7 +118,7 @@ def test_train_loader_needs_a_full_batch(tmp_path):
     root, _ = _photo_list(tmp_path, 3)
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__BATCH_SIZE=4)
     with pytest.raises(datasets.DataError, match='no full batch of DATA.BATCH_SIZE 4'):
-        datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True, num_replicas=1,
+        datasets.build_loader(cfg, sources.build_dataset(cfg, True), True, num_replicas=1,
                               rank=0)
 
 
@@ -139,7 +140,7 @@ def _epoch(loader, epoch):
 def _train_loader(root, workers, replicas=1, rank=0, bs=2):
     cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__BATCH_SIZE=bs,
                         DATA__NUM_WORKERS=workers, SEED=3)
-    return datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True,
+    return datasets.build_loader(cfg, sources.build_dataset(cfg, True), True,
                                  num_replicas=replicas, rank=rank)
 
 
@@ -185,7 +186,7 @@ def test_eval_loaders_of_two_ranks_count_each_image_once(tmp_path):
                         DATA__NUM_WORKERS=2, MODEL__NUM_CLASSES=11)
     labels, images = [], []
     for rank in range(2):
-        loader = datasets.build_loader(cfg, datasets.build_dataset(cfg, False), False,
+        loader = datasets.build_loader(cfg, sources.build_dataset(cfg, False), False,
                                        num_replicas=2, rank=rank)
         for x, y, _ in loader:
             labels += y.numpy().tolist()
@@ -227,7 +228,7 @@ def _masks(root, workers, replicas=1, rank=0, epoch=4, start_batch=0, seed=3):
     cfg = H.tiny_config('pretrain', DATA__DATA_PATH=root, DATA__BATCH_SIZE=2,
                         DATA__NUM_WORKERS=workers, SEED=seed)
     task = tasks.get_task(cfg)
-    loader = datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True,
+    loader = datasets.build_loader(cfg, sources.build_dataset(cfg, True), True,
                                    num_replicas=replicas, rank=rank)
     loader.set_epoch(epoch, start_batch)
     model = _RecordNoise(64)

@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-import data_helpers as H
+import helpers as H
 import mixup
 
 torch = pytest.importorskip('torch')

@@ -4,10 +4,11 @@ import random
 import numpy as np
 import pytest
 
-import data_helpers as H
-import augment
+import helpers as H
+import config as cfgmod
+import tasks
+import transforms
 import utils
-import datasets
 
 torch = pytest.importorskip('torch')
 TT = pytest.importorskip('torchvision.transforms')
@@ -28,7 +29,7 @@ def torchvision_eval(image_size, crop_pct):
 def test_eval_transform_equals_torchvision_on_photos(name, image_size, crop_pct):
     cfg = H.tiny_config(DATA__IMAGE_SIZE=image_size)
     img = H.photo(name)
-    ours = augment.build_transform(False, cfg)(img)
+    ours = transforms.build_transform(False, cfg)(img)
     ref = torchvision_eval(image_size, crop_pct)(img).numpy()
     assert ours.shape == (3, image_size, image_size) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() < 1e-5
@@ -39,33 +40,33 @@ def test_eval_transform_equals_torchvision_on_photos(name, image_size, crop_pct)
 def test_eval_transform_equals_torchvision_on_synthetic(w, h):
     cfg = H.tiny_config(DATA__IMAGE_SIZE=224)
     img = H.noise_image(w, h, seed=w * 7 + h)
-    ours = augment.build_transform(False, cfg)(img)
+    ours = transforms.build_transform(False, cfg)(img)
     ref = torchvision_eval(224, 0.875)(img).numpy()
     assert ours.shape == (3, 224, 224)
     assert np.abs(ours - ref).max() < 1e-5
 
 
 def test_eval_crop_pct_is_one_above_224_as_official():
-    assert augment.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=224)) == 0.875
-    assert augment.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=448)) == 1.0
-    transform = augment.build_transform(False, H.tiny_config(DATA__IMAGE_SIZE=32))
+    assert transforms.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=224)) == 0.875
+    assert transforms.eval_crop_pct(H.tiny_config(DATA__IMAGE_SIZE=448)) == 1.0
+    transform = transforms.build_transform(False, H.tiny_config(DATA__IMAGE_SIZE=32))
     assert transform.transforms[0].resize == 36  # int(32 / 0.875)
 
 
 def test_bad_crop_pct_is_a_config_error():
-    with pytest.raises(datasets.ConfigError, match='DATA.CROP_PCT'):
-        augment.build_transform(False, H.tiny_config(DATA__CROP_PCT=1.5))
+    with pytest.raises(cfgmod.ConfigError, match='DATA.CROP_PCT'):
+        cfgmod.check_values(H.tiny_config(DATA__CROP_PCT=1.5))
 
 
 def test_to_chw_array_equals_torchvision_to_tensor():
     img = H.photo('coffee.png')
-    assert np.array_equal(augment.ToCHWArray()(img), TF.to_tensor(img).numpy())
+    assert np.array_equal(transforms.ToCHWArray()(img), TF.to_tensor(img).numpy())
 
 
 @pytest.mark.parametrize('stage', ['pretrain', 'finetune', 'linearprobe'])
 def test_train_transform_recipes(stage):
     cfg = H.tiny_config(stage)
-    ops = augment.build_transform(True, cfg).transforms
+    ops = tasks.get_task(cfg).build_transform(True).transforms
     kinds = [type(op).__name__ for op in ops]
     crop = 'RandomResizedCropNoRetry' if stage == 'linearprobe' else 'RandomResizedCrop'
     expected = {
@@ -85,13 +86,13 @@ def test_train_transform_recipes(stage):
         assert ra.ops[0].fill == (124, 116, 104)  # the mean pixel, as create_transform passes
         assert (erase.prob, erase.mode, erase.max_count) == (0.25, 'pixel', 1)
     for name in ('chelsea.png', 'camera.png'):
-        out = augment.build_transform(True, cfg)(H.photo(name))
+        out = tasks.get_task(cfg).build_transform(True)(H.photo(name))
         assert out.shape == (3, 32, 32) and out.dtype == np.float32
         assert np.isfinite(out).all()
 
 
 def test_train_transform_reproducible_from_seeds():
-    transform = augment.build_transform(True, H.tiny_config('finetune', DATA__IMAGE_SIZE=64))
+    transform = transforms.build_transform(True, H.tiny_config('finetune', DATA__IMAGE_SIZE=64))
     img = H.photo('astronaut.png')
 
     def run(seed):
@@ -110,17 +111,17 @@ def test_rrc_full_scale_on_square_image_is_a_plain_resize():
     ref = TT.Compose([TT.Resize((64, 64), interpolation=TT.InterpolationMode.BICUBIC),
                       TT.ToTensor(), TT.Normalize(MEAN, STD)])(img).numpy()
     random.seed(0)
-    out = augment.build_transform(True, cfg)(img)
+    out = transforms.build_transform(True, cfg)(img)
     assert np.abs(out - ref).max() < 1e-5 or np.abs(out - ref[:, :, ::-1]).max() < 1e-5
 
 
 def test_linear_probe_crop_clamps_instead_of_retrying(monkeypatch):
     """util/crop.py of the official MAE: area x1.0, aspect 4/3 on a 512x512 image gives
     w = 591 -> clamped to 512 and h = 443; torchvision's version would fall back to the centre."""
-    crop = augment.RandomResizedCropNoRetry(48, scale=(1.0, 1.0))
+    crop = transforms.RandomResizedCropNoRetry(48, scale=(1.0, 1.0))
     draws = iter([1.0, np.log(4 / 3)])
-    monkeypatch.setattr(augment.random, 'uniform', lambda a, b: next(draws))
-    monkeypatch.setattr(augment.random, 'randint', lambda a, b: b)  # last valid offset
+    monkeypatch.setattr(transforms.random, 'uniform', lambda a, b: next(draws))
+    monkeypatch.setattr(transforms.random, 'randint', lambda a, b: b)  # last valid offset
     img = H.photo('astronaut.png')
     out = np.asarray(crop(img))
     h = int(round(np.sqrt(512 * 512 * 3 / 4)))
@@ -132,7 +133,7 @@ def test_linear_probe_crop_clamps_instead_of_retrying(monkeypatch):
 
 def test_linear_probe_crop_survives_a_single_pixel():
     random.seed(0)
-    out = augment.RandomResizedCropNoRetry(16)(H.noise_image(1, 1))
+    out = transforms.RandomResizedCropNoRetry(16)(H.noise_image(1, 1))
     assert out.size == (16, 16)
 
 
@@ -140,7 +141,7 @@ def test_linear_probe_crop_survives_a_single_pixel():
 def test_random_erasing_boxes_equal_timm(count):
     from timm.data.random_erasing import RandomErasing as TimmErasing
     for seed in range(10):
-        ours = augment.RandomErasing(prob=0.5, mode='const', max_count=count)
+        ours = transforms.RandomErasing(prob=0.5, mode='const', max_count=count)
         theirs = TimmErasing(probability=0.5, mode='const', max_count=count, device='cpu')
         random.seed(seed)
         a = ours(np.ones((3, 40, 56), np.float32))
@@ -155,7 +156,7 @@ def test_random_erasing_pixel_mode_is_standard_normal_noise():
     hits = []
     for seed in range(20):
         random.seed(seed)
-        out = augment.RandomErasing(prob=1.0, mode='pixel')(zeros.copy())
+        out = transforms.RandomErasing(prob=1.0, mode='pixel')(zeros.copy())
         hits.append(out[out != 7.0])
         assert out.dtype == np.float32
     values = np.concatenate(hits)
@@ -165,7 +166,7 @@ def test_random_erasing_pixel_mode_is_standard_normal_noise():
 
 def test_random_erasing_prob_zero_and_bad_mode():
     x = np.ones((3, 8, 8), np.float32)
-    assert np.array_equal(augment.RandomErasing(prob=0.0)(x.copy()), x)
-    with pytest.raises(datasets.ConfigError, match='RANDOM_ERASE_MODE'):
-        augment.RandomErasing(mode='noise')
+    assert np.array_equal(transforms.RandomErasing(prob=0.0)(x.copy()), x)
+    with pytest.raises(cfgmod.ConfigError, match='RANDOM_ERASE_MODE'):
+        transforms.RandomErasing(mode='noise')
 

@@ -26,11 +26,10 @@ import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import tasks  # noqa: E402
 import utils  # noqa: E402
+from helpers import (MAE_CASES, VIT_CASES, hf_mae, hf_to_official, make_case,  # noqa: E402
+                     perturb_, timm_vit_model)
 from port_weights import convert_official as C  # noqa: E402
 from port_weights import export_official as E  # noqa: E402
-from test_convert import make_case  # noqa: E402
-from test_parity import (VIT_CASES, MAE_CASES, hf_mae, hf_to_official, perturb_,  # noqa: E402
-                         timm_vit_model)
 
 EXPORTER = str(REPO / 'port_weights' / 'export_official.py')
 QUIET = dict(log=lambda *a: None)
@@ -257,6 +256,7 @@ def test_hf_folder_matches_paddle_mae(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the command line, refusals
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_pth_and_hf_without_torch(tmp_path):
     src, _, _ = our_checkpoint(tmp_path, 'configs/tiny_pretrain.yaml')
     dst, hf_dir = tmp_path / 'mae.pth', tmp_path / 'hf'
@@ -277,6 +277,7 @@ def test_cli_pth_and_hf_without_torch(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['hf', 'mae.pth', 'tiny_pretrain.pdparams']
 
 
+@pytest.mark.slow
 def test_cli_refuses_segmentor(tmp_path):
     config = cfgmod.get_config(str(REPO / 'configs/tiny_segmentation.yaml'))
     model = tasks.get_task(config).build_model()

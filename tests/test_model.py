@@ -8,6 +8,7 @@ import pytest
 
 import config as cfgmod
 import cpu_kernels
+import tasks
 import transformer as T
 from conftest import ROOT
 
@@ -92,21 +93,21 @@ def test_classifier_heads_have_official_keys():
 def test_build_model_follows_config():
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     c.DATA.IMAGE_SIZE = 48
-    m = T.build_model(c)
+    m = tasks.build_model(c)
     assert m.pos_embed.shape == [1, 1 + 12 * 12, c.MODEL.ENCODER.EMBED_DIM]
     assert m.head.weight.shape == [c.MODEL.ENCODER.EMBED_DIM, c.MODEL.NUM_CLASSES]
     assert m.blocks[-1].drop_path.drop_prob == pytest.approx(c.MODEL.DROP_PATH)
     assert not m.recompute
     c.MODEL.RECOMPUTE = True
-    assert T.build_model(c).recompute
+    assert tasks.build_model(c).recompute
     c.MODEL.NAME = 'mae_vit_custom'
     with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_custom' does not fit "
                                          "TRAIN.MODE 'finetune'"):
-        T.build_model(c)
+        tasks.build_model(c)
     c.MODEL.NAME = 'vit_gigantic'
     with pytest.raises(ValueError, match="MODEL.NAME 'vit_gigantic' is not a known model"):
-        T.build_model(c)
-    p = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
+        tasks.build_model(c)
+    p = tasks.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
     assert isinstance(p, T.MaskedAutoencoderViT) and p.norm_pix_loss
 
 

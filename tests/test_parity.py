@@ -10,7 +10,6 @@ outputs (and gradients) on the same images and masking noise.
 """
 import functools
 import os
-import re
 import subprocess
 import sys
 
@@ -19,12 +18,12 @@ import paddle
 import pytest
 
 import torch  # noqa: E402  (test-only, requirements-test.txt)
-import timm.models.vision_transformer as timm_vit  # noqa: E402
 from timm.layers import resample_abs_pos_embed  # noqa: E402
-from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 import transformer  # noqa: E402
 from conftest import ROOT  # noqa: E402
+from helpers import (MAE_CASES, VIT_CASES, hf_mae, hf_to_official, perturb_,  # noqa: E402
+                     timm_vit_model)
 
 CONVERTER = os.path.join(ROOT, 'port_weights', 'convert_official.py')
 
@@ -32,58 +31,6 @@ CONVERTER = os.path.join(ROOT, 'port_weights', 'convert_official.py')
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def perturb_(module, seed, skip=('position_embeddings', 'decoder_pos_embed')):
-    """Add noise to every trainable tensor so LayerNorm gains and biases are not 1 / 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(s in name for s in skip):
-                continue
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-
-
-_HF_BLOCK = {  # HF ViTMAE layer sub-key -> official block sub-key (q/k/v are fused separately)
-    'layernorm_before': 'norm1', 'layernorm_after': 'norm2', 'attention.o_proj': 'attn.proj',
-    'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
-}
-_HF_TOP = {
-    'vit.embeddings.cls_token': 'cls_token',
-    'vit.embeddings.position_embeddings': 'pos_embed',
-    'vit.embeddings.patch_embeddings.projection': 'patch_embed.proj',
-    'vit.layernorm': 'norm',
-    'decoder.mask_token': 'mask_token',
-    'decoder.decoder_pos_embed': 'decoder_pos_embed',
-    'decoder.decoder_embed': 'decoder_embed',
-    'decoder.decoder_norm': 'decoder_norm',
-    'decoder.decoder_pred': 'decoder_pred',
-}
-
-
-def hf_to_official(tensors):
-    """HF ViTMAE names -> official MAE names (fusing q, k, v into qkv, in that order)."""
-    out, qkv = {}, {}
-    for name, t in tensors.items():
-        m = re.match(r'(vit\.layers|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$', name)
-        if m:
-            prefix = 'blocks' if m.group(1) == 'vit.layers' else 'decoder_blocks'
-            sub, kind = m.group(3), m.group(4)
-            if sub in ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'):
-                qkv.setdefault((prefix, m.group(2), kind), {})[sub[-6]] = t
-                continue
-            out[f'{prefix}.{m.group(2)}.{_HF_BLOCK[sub]}.{kind}'] = t
-            continue
-        base, _, kind = name.rpartition('.')
-        if name in _HF_TOP:
-            out[_HF_TOP[name]] = t
-        elif base in _HF_TOP:
-            out[f'{_HF_TOP[base]}.{kind}'] = t
-        else:
-            raise KeyError(f'no official name for HF key {name}')
-    for (prefix, i, kind), parts in qkv.items():
-        out[f'{prefix}.{i}.attn.qkv.{kind}'] = torch.cat([parts['q'], parts['k'], parts['v']], 0)
-    return out
-
-
 def save_official(state_dict, path):
     torch.save({'model': {k: v.detach().clone().contiguous() for k, v in state_dict.items()}},
                path)
@@ -118,47 +65,6 @@ def official_grad_to_paddle(name, g):
 # ---------------------------------------------------------------------------------------------
 # MAE pre-training: HF ViTMAE
 # ---------------------------------------------------------------------------------------------
-MAE_CASES = {
-    # name: (paddle kwargs, batch)
-    'tiny-normpix': (dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
-                          decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                          norm_pix_loss=True), 3),
-    'tiny-plain': (dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
-                        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                        norm_pix_loss=False), 3),
-    'nondefault-size-48px-p8': (dict(img_size=48, patch_size=8, embed_dim=128, depth=2,
-                                     num_heads=8, decoder_embed_dim=48, decoder_depth=1,
-                                     decoder_num_heads=3, mlp_ratio=2.0,
-                                     norm_pix_loss=True), 2),
-    'vit-base-official': (dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
-                               num_heads=12, decoder_embed_dim=512, decoder_depth=8,
-                               decoder_num_heads=16, norm_pix_loss=True), 2),
-}
-
-
-def hf_mae(kw):
-    mlp = kw.get('mlp_ratio', 4.0)
-    cfg = ViTMAEConfig(
-        image_size=kw['img_size'], patch_size=kw['patch_size'], num_channels=3,
-        hidden_size=kw['embed_dim'], num_hidden_layers=kw['depth'],
-        num_attention_heads=kw['num_heads'], intermediate_size=int(kw['embed_dim'] * mlp),
-        decoder_hidden_size=kw['decoder_embed_dim'],
-        decoder_num_hidden_layers=kw['decoder_depth'],
-        decoder_num_attention_heads=kw['decoder_num_heads'],
-        decoder_intermediate_size=int(kw['decoder_embed_dim'] * mlp),
-        norm_pix_loss=kw['norm_pix_loss'], layer_norm_eps=1e-6, qkv_bias=True,
-        hidden_act='gelu', mask_ratio=0.75, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation='eager')
-    model = ViTMAEForPreTraining(cfg)
-    # transformers 5 may leave the fixed sin-cos tables at zero after construction; run its own
-    # initialisers so the reference holds the official embeddings
-    model.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
-    model.vit.embeddings.initialize_weights()
-    model.decoder.initialize_weights(model.vit.embeddings.patch_embeddings.num_patches)
-    assert float(model.decoder.decoder_pos_embed.abs().sum()) > 0
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def mae_pair(case, tmp_root):
     kw, batch = MAE_CASES[case]
@@ -184,6 +90,7 @@ def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp('parity'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(MAE_CASES))
 def test_mae_forward_matches_hf(case, tmp_root):
     ref, model, imgs, noise, log = mae_pair(case, tmp_root)
@@ -209,6 +116,7 @@ GRAD_NAMES = ['patch_embed.proj.weight', 'cls_token', 'blocks.0.attn.qkv.weight'
               'decoder_pred.bias']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['tiny-normpix', 'nondefault-size-48px-p8'])
 def test_mae_gradients_match_hf(case, tmp_root):
     ref, model, imgs, noise, _ = mae_pair(case, tmp_root)
@@ -250,26 +158,6 @@ def test_sincos_pos_embed_matches_hf():
 # ---------------------------------------------------------------------------------------------
 # Classifier (fine-tune / linear-probe model): timm VisionTransformer
 # ---------------------------------------------------------------------------------------------
-VIT_CASES = {
-    'global-pool': dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
-                        num_classes=7, global_pool=True),
-    'cls-token': dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3,
-                      num_classes=7, global_pool=False),
-    'vit-base-global-pool': dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
-                                 num_heads=12, num_classes=1000, global_pool=True),
-    'deep-global-pool': dict(img_size=32, patch_size=4, embed_dim=96, depth=5, num_heads=3,
-                             num_classes=7, global_pool=True),
-}
-
-
-def timm_vit_model(kw):
-    return timm_vit.VisionTransformer(
-        img_size=kw['img_size'], patch_size=kw['patch_size'], embed_dim=kw['embed_dim'],
-        depth=kw['depth'], num_heads=kw['num_heads'], num_classes=kw['num_classes'],
-        mlp_ratio=4.0, qkv_bias=True, global_pool='avg' if kw['global_pool'] else 'token',
-        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
-
-
 @functools.lru_cache(maxsize=None)
 def vit_pair(case, tmp_root):
     """timm reference with perturbed random weights, saved as an official checkpoint, converted
@@ -291,6 +179,7 @@ def vit_images(kw):
     return np.random.RandomState(5).randn(3, 3, kw['img_size'], kw['img_size']).astype('float32')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(VIT_CASES))
 def test_vit_logits_match_timm(case, tmp_root):
     kw = VIT_CASES[case]
@@ -310,6 +199,7 @@ def test_vit_logits_match_timm(case, tmp_root):
     assert d < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case, indices', [
     ('deep-global-pool', [0, 2, 3]), ('deep-global-pool', 2), ('deep-global-pool', [-1, 1]),
     ('cls-token', [0, -1]), ('cls-token', 3)])

@@ -7,7 +7,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the quickstart scripts, minutes each
 
 
 def test_quickstart_small(tmp_path):

@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
-MODULES = ['augment', 'checkpoint', 'config', 'cpu_kernels', 'datasets', 'engine', 'mixup',
-           'optim', 'runtime', 'seg_data', 'segmentation', 'shards', 'tasks', 'transformer',
+pytestmark = pytest.mark.slow  # every test runs Python in a subprocess
+
+MODULES = ['checkpoint', 'cli', 'config', 'cpu_kernels', 'datasets', 'engine', 'mixup', 'optim',
+           'randaugment', 'runtime', 'seg_data', 'seg_inference', 'seg_transforms',
+           'segmentation', 'shards', 'sources', 'tasks', 'torchfile', 'transformer', 'transforms',
            'utils']
 TOOLS = ['benchmark', 'export_model', 'inspect_recipe', 'make_demo_dataset', 'make_shards',
          'memory_estimate', 'predict', 'visualize']

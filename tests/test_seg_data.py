@@ -1,4 +1,4 @@
-"""Semantic segmentation data: the joint transforms (augment.py), SegmentationDataset and its
+"""Semantic segmentation data: the joint transforms (seg_transforms.py), SegmentationDataset and its
 layouts / checks / loaders (seg_data.py), and the segmentation demo set."""
 import importlib.util
 import os
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_helpers as H
-import augment as A
+import helpers as H
 import config
 import datasets
 import seg_data
+import seg_transforms as A
+import sources
 from datasets import BadImageError, DataError
 
 IGNORE = 255
@@ -93,14 +94,14 @@ def mmcv_rescale(w, h, long_edge, short_edge):
 def test_eval_resize_size_is_mmcv_rescale_size(w, h, scale, expected):
     assert A.seg_rescale_size(w, h, scale) == expected == mmcv_rescale(w, h, *scale)
     img = Image.fromarray(np.zeros((h, w, 3), np.uint8))
-    out, label = A.SegEvalTransform(scale)(img, np.zeros((h, w), np.uint8))
+    out, label = A.eval_pipeline(scale)(img, np.zeros((h, w), np.uint8))
     assert out.shape == (3, expected[1], expected[0]) and out.dtype == np.float32
     assert label.shape == (h, w) and label.dtype == np.int64  # untouched
 
 
 def test_normalisation_is_mean_and_std_times_255():
     img = np.zeros((4, 6, 3), np.uint8) + np.array([10, 128, 250], np.uint8)
-    out, _ = A.SegEvalTransform((6, 4), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.1))(
+    out, _ = A.eval_pipeline((6, 4), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.1))(
         img, np.zeros((4, 6), np.uint8))
     expected = [(10 - 127.5) / 51.0, (128 - 102.0) / 63.75, (250 - 76.5) / 25.5]
     assert np.allclose(out, np.array(expected)[:, None, None], atol=1e-5)
@@ -108,7 +109,7 @@ def test_normalisation_is_mean_and_std_times_255():
 
 def test_eval_transform_on_random_sizes_matches_the_formula():
     rng = np.random.default_rng(0)
-    transform = A.SegEvalTransform((64, 32))
+    transform = A.eval_pipeline((64, 32))
     for _ in range(20):
         w, h = (int(v) for v in rng.integers(5, 120, 2))
         out, label = transform(np.zeros((h, w, 3), np.uint8), np.ones((h, w), np.uint8))
@@ -377,16 +378,16 @@ def test_photometric_changes_colours_not_labels():
 def test_reduce_zero_label_and_values_kept_without_it(tmp_path):
     raw = np.array([[0, 1, 5, 255], [2, 0, 3, 4]], np.uint8)
     write_pair(str(tmp_path), 'validation', 'a', np.zeros((2, 4, 3), np.uint8), raw, '.png')
-    on = seg_data.build_dataset(seg_config(str(tmp_path), DATA__REDUCE_ZERO_LABEL=True), False)
+    on = sources.build_dataset(seg_config(str(tmp_path), DATA__REDUCE_ZERO_LABEL=True), False, kind='segmentation')
     assert on[0][1].tolist() == [[255, 0, 4, 255], [1, 255, 2, 3]]
-    off = seg_data.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=6), False)
+    off = sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=6), False, kind='segmentation')
     assert off[0][1].tolist() == raw.tolist()
 
 
 def test_evaluation_samples_and_collate_through_the_loader(tmp_path):
     root, pairs = ade_root(tmp_path)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__BATCH_SIZE_EVAL=3)
-    ds = seg_data.build_dataset(cfg, False)
+    ds = sources.build_dataset(cfg, False, kind='segmentation')
     assert ds.collate_fn is seg_data.collate_eval
     sizes = [(40, 30), (52, 36), (30, 44)]
     for workers in (0, 2):
@@ -405,7 +406,7 @@ def test_evaluation_samples_and_collate_through_the_loader(tmp_path):
 def test_training_samples_collate_by_default_and_match_direct_indexing(tmp_path):
     root, _ = ade_root(tmp_path, split='training', sizes=[(40, 30), (52, 36)] * 3)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__NUM_WORKERS=2)
-    ds = seg_data.build_dataset(cfg, True)
+    ds = sources.build_dataset(cfg, True, kind='segmentation')
     assert ds.collate_fn is None
     loader = datasets.build_loader(cfg, ds, True, num_replicas=1, rank=0)
     loader.set_epoch(3)
@@ -427,7 +428,7 @@ def test_per_sample_seeding(tmp_path):
     write_pair(root, 'training', 'a', np.asarray(H.noise_image(40, 30)), labels, '.png')
     H.write_list(tmp_path / 'train_list.txt', ['images/training/a.png annotations/training/a.png']
                  * 3)
-    ds = seg_data.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True)
+    ds = sources.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True, kind='segmentation')
     ds.augment_seed, ds.augment_epoch = 5, 0
     first = ds[1]
     np.random.seed(123)  # whatever the global state was: the sample reseeds
@@ -445,7 +446,7 @@ def test_missing_annotation_in_the_ade_layout_is_found_at_construction(tmp_path)
     root, pairs = ade_root(tmp_path)
     os.remove(pairs[1][1])
     with pytest.raises(DataError) as e:
-        seg_data.build_dataset(seg_config(root, DATA__ON_BAD_IMAGE='skip'), False)
+        sources.build_dataset(seg_config(root, DATA__ON_BAD_IMAGE='skip'), False, kind='segmentation')
     one_line(str(e.value), 'annotation not found', pairs[1][1], pairs[1][0])
 
 
@@ -455,7 +456,7 @@ def test_missing_annotation_in_a_list_names_the_line(tmp_path):
     H.write_list(tmp_path / 'train_list.txt', ['# pairs', f'{rel[0][0]} {rel[0][1]}', '',
                                                f'{rel[1][0]} annotations/nope.png'])
     with pytest.raises(DataError) as e:
-        seg_data.build_dataset(seg_config(root), True)
+        sources.build_dataset(seg_config(root), True, kind='segmentation')
     one_line(str(e.value), 'annotation not found', os.path.join(root, 'annotations/nope.png'),
              'train_list.txt line 4')
 
@@ -476,7 +477,7 @@ def test_bad_annotations_are_one_line_errors_naming_the_file(tmp_path, case):
     # (files hold 1..5: classes 0..4 after reduce-zero-label, or 6 classes without it)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=reduce, DATA__ON_BAD_IMAGE='skip',
                      MODEL__NUM_CLASSES=5 if reduce else 6)
-    ds = seg_data.build_dataset(cfg, False)
+    ds = sources.build_dataset(cfg, False, kind='segmentation')
     assert ds[0][2] == 0 and ds[1][2] == 1  # the others are fine
     with pytest.raises(DataError) as e:
         ds[2]
@@ -499,7 +500,7 @@ def test_negative_label_in_a_32_bit_annotation_names_file_and_line(tmp_path):
     Image.fromarray(np.full((4, 6), -3, np.int32)).save(tmp_path / 'a.tif')
     assert Image.open(tmp_path / 'a.tif').mode == 'I'
     H.write_list(tmp_path / 'val_list.txt', ['a.png a.tif'])
-    ds = seg_data.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=5), False)
+    ds = sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=5), False, kind='segmentation')
     with pytest.raises(DataError) as e:
         ds[0]
     one_line(str(e.value), str(tmp_path / 'a.tif'), 'val_list.txt line 1', 'label value -3')
@@ -509,7 +510,7 @@ def test_bad_annotation_inside_loader_workers_is_raised_in_the_main_process(tmp_
     root, pairs = ade_root(tmp_path)
     Image.new('RGB', (30, 44)).save(pairs[2][1])
     cfg = seg_config(root, DATA__NUM_WORKERS=2, DATA__REDUCE_ZERO_LABEL=True)
-    loader = datasets.build_loader(cfg, seg_data.build_dataset(cfg, False), False,
+    loader = datasets.build_loader(cfg, sources.build_dataset(cfg, False, kind='segmentation'), False,
                                    num_replicas=1, rank=0)
     with pytest.raises(DataError) as e:
         list(loader)
@@ -525,7 +526,7 @@ def test_index_image_modes_that_are_accepted(tmp_path):
     Image.fromarray(values.astype(np.uint16)).save(pairs[1][1])  # 16-bit grey
     Image.fromarray(values > 2).save(pairs[2][1])  # bilevel '1'
     assert Image.open(pairs[0][1]).mode == 'P' and Image.open(pairs[1][1]).mode.startswith('I')
-    ds = seg_data.build_dataset(seg_config(root), False)
+    ds = sources.build_dataset(seg_config(root), False, kind='segmentation')
     assert ds[0][1].tolist() == values.tolist()
     assert ds[1][1].tolist() == values.tolist()
     assert ds[2][1].tolist() == (values > 2).astype(int).tolist()
@@ -537,10 +538,10 @@ def test_unreadable_images_skip_or_error_and_evaluation_marks_them(tmp_path):
         f.write(b'not a PNG')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True)
     with pytest.raises(BadImageError) as e:
-        seg_data.build_dataset(cfg, False)[1]
+        sources.build_dataset(cfg, False, kind='segmentation')[1]
     one_line(str(e.value), pairs[1][0], f'annotation {pairs[1][1]}', 'DATA.ON_BAD_IMAGE skip')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__ON_BAD_IMAGE='skip')
-    val = seg_data.build_dataset(cfg, False)
+    val = sources.build_dataset(cfg, False, kind='segmentation')
     image, label, sid = val[1]  # replaced by image 2: left out of evaluation
     assert sid == -1 and (label == IGNORE).all() and label.shape == (44, 30)
     images, labels, ids = next(iter(datasets.build_loader(cfg, val, False, 1, 0)))
@@ -556,7 +557,7 @@ def test_training_replaces_an_unreadable_image_by_the_next_pair(tmp_path):
         f.write(b'')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__ON_BAD_IMAGE='skip',
                      DATA__SEG_RATIO_RANGE=[1.0, 1.0], DATA__SEG_SCALE=[52, 36])
-    train = seg_data.build_dataset(cfg, True)
+    train = sources.build_dataset(cfg, True, kind='segmentation')
     np.random.seed(0)
     image, label, sid = train[0]
     assert sid == 0 and train.num_skipped == 1  # the slot keeps its identity
@@ -574,11 +575,11 @@ def test_list_layout_wins_and_describes_its_lines(tmp_path):
     H.write_list(tmp_path / 'train_list.txt', ['# image annotation', '',
                                                f'{rel[2][0]}  {rel[2][1]}',
                                                f'  {rel[0][0]} {rel[0][1]}  '])
-    ds = seg_data.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True)
+    ds = sources.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True, kind='segmentation')
     assert len(ds) == 2 and ds.path(0) == pairs[2][0] and ds.annotation(1) == pairs[0][1]
     assert ds.describe(0) == (f'{pairs[2][0]} (annotation {pairs[2][1]}, '
                               f'{tmp_path / "train_list.txt"} line 3)')
-    ade = seg_data.build_dataset(seg_config(root, DATA__TRAIN_LIST='none.txt'), True)
+    ade = sources.build_dataset(seg_config(root, DATA__TRAIN_LIST='none.txt'), True, kind='segmentation')
     assert len(ade) == 3 and ade.describe(1) == f'{pairs[1][0]} (annotation {pairs[1][1]})'
 
 
@@ -586,17 +587,17 @@ def test_list_layout_wins_and_describes_its_lines(tmp_path):
 def test_malformed_list_lines_name_file_and_line(tmp_path, line):
     path = H.write_list(tmp_path / 'val_list.txt', ['a.jpg a.png', line])
     with pytest.raises(DataError) as e:
-        seg_data.build_dataset(seg_config(str(tmp_path)), False)
+        sources.build_dataset(seg_config(str(tmp_path)), False, kind='segmentation')
     one_line(str(e.value), f'{path} line 2', "expected 'image_path annotation_path'")
 
 
 def test_build_dataset_names_what_is_missing(tmp_path):
     with pytest.raises(DataError, match=r'set DATA.DATA_PATH'):
-        seg_data.build_dataset(seg_config(), True)
+        sources.build_dataset(seg_config(), True, kind='segmentation')
     with pytest.raises(DataError, match='data folder not found'):
-        seg_data.build_dataset(seg_config(str(tmp_path / 'nope')), True)
+        sources.build_dataset(seg_config(str(tmp_path / 'nope')), True, kind='segmentation')
     with pytest.raises(DataError) as e:
-        seg_data.build_dataset(seg_config(str(tmp_path)), False)
+        sources.build_dataset(seg_config(str(tmp_path)), False, kind='segmentation')
     one_line(str(e.value), 'neither the list file val_list.txt (DATA.VAL_LIST)',
              'images/validation/')
 
@@ -618,7 +619,7 @@ def test_class_names(tmp_path):
     one_line(str(e.value), 'class_names.txt names 3 classes', 'MODEL.NUM_CLASSES is 4')
     ade_root(tmp_path)  # and the data set is refused at once, not at its first evaluation
     with pytest.raises(DataError, match='class_names.txt names 3 classes'):
-        seg_data.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=4), False)
+        sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=4), False, kind='segmentation')
 
 
 def test_palette_is_deterministic_and_well_separated():
@@ -677,7 +678,7 @@ def test_segmentation_demo_is_deterministic_and_loads(tmp_path, capsys):
     assert seen == set(range(len(names) + 1))  # unlabelled, background, every shape
     cfg = seg_config(str(tmp_path / 'a'), DATA__REDUCE_ZERO_LABEL=True)
     for is_train in (True, False):
-        ds = seg_data.build_dataset(cfg, is_train)
+        ds = sources.build_dataset(cfg, is_train, kind='segmentation')
         labels = np.unique(np.concatenate([ds[i][1].ravel() for i in range(len(ds))]))
         assert set(labels.tolist()) <= set(range(5)) | {IGNORE}
     assert seg_data.class_names(cfg) == names

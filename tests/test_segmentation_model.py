@@ -22,6 +22,7 @@ from transformers.models.beit import modeling_beit as hf  # noqa: E402
 import config as cfgmod
 import cpu_kernels
 import optim
+import seg_inference
 import segmentation as S
 import transformer as T
 
@@ -353,7 +354,7 @@ def test_sliding_window_pointwise_equals_whole_image(size):
     weight, bias = rng.randn(4, 3).astype('float32'), rng.randn(4).astype('float32')
     img = rng.randn(3, *size).astype('float32')
     calls = []
-    out = S.sliding_window(pointwise(weight, bias, calls), img, window=32, stride=20,
+    out = seg_inference.sliding_window(pointwise(weight, bias, calls), img, window=32, stride=20,
                            num_classes=4, batch=4)
     whole = pointwise(weight, bias)(img[None])[0]
     assert out.shape == (4,) + size and out.dtype == np.float32
@@ -402,7 +403,7 @@ def test_sliding_window_averages_overlaps_as_mmseg():
         mean = windows.mean(axis=(2, 3), keepdims=True)
         return np.einsum('kc,bchw->bkhw', weight, windows + 3 * mean).astype('float32')
     img = rng.randn(3, 53, 77).astype('float32')
-    out = S.sliding_window(predict, img, window=24, stride=16, num_classes=4, batch=3)
+    out = seg_inference.sliding_window(predict, img, window=24, stride=16, num_classes=4, batch=3)
     expected = mmseg_slide(predict, img, crop=24, stride=16, num_classes=4)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     whole = predict(img[None])[0]

@@ -69,7 +69,7 @@ def test_loss_is_mmseg_cross_entropy_plus_weighted_auxiliary():
         def __call__(self, images):
             return paddle.to_tensor(logits), paddle.to_tensor(aux)
 
-    loss = float(task.loss(Model(), (None, paddle.to_tensor(labels), None), 0))
+    loss = float(task.loss(Model(), (None, paddle.to_tensor(labels), None), 0)['loss'])
 
     def ce(x):
         up = torch.nn.functional.interpolate(torch.from_numpy(x), size=(16, 20),

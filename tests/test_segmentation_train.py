@@ -15,10 +15,12 @@ from PIL import Image
 import config as cfgmod
 import tasks
 from conftest import ROOT
-from test_train import kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
+from helpers import kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test runs the entry point or tools as programs
 
 SCRIPT, CFG = 'main_multi_gpu_segmentation.py', 'tiny_segmentation.yaml'
 # a smaller encoder and heads than the config's, for speed; 4 blocks for the 4 taps
@@ -166,14 +168,15 @@ def test_export_predict_and_visualize_a_segmentor(segdata, trained, tmp_path):
     # the label PNG equals the checkpoint's own prediction (sliding windows, as -eval), in the
     # dataset's convention (classes + 1: 0 stays 'unlabelled')
     import datasets
-    import segmentation
+    import seg_inference
+    import tasks
     config = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs', CFG)), opts)
-    predict = segmentation.checkpoint_predictor(config, weights)  # the dygraph model
+    predict = seg_inference.model_predictor(tasks.load_trained(config, weights), config)
     for line, path in zip(lines, images):
         image = datasets.load_rgb(path)
         label = np.asarray(Image.open(line['label_png']))
         assert label.shape == (image.height, image.width) and label.min() >= 1
-        ours = segmentation.image_label_map(predict, image, config)
+        ours = seg_inference.image_label_map(predict, image, config)
         assert (label == ours + 1).mean() > 0.999  # (Paddle Inference vs dygraph rounding)
         overlay = Image.open(line['overlay_png'])
         assert overlay.height >= image.height and overlay.width > image.width  # + legend

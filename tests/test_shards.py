@@ -13,11 +13,13 @@ import numpy as np
 import paddle
 import pytest
 
-import data_helpers as H
+import helpers as H
 import datasets
+import sources
 import shards
 from config import ConfigError
 from conftest import ROOT
+from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
@@ -59,15 +61,16 @@ def test_brace_expansion():
         shards.expand('t-{0..1.tar', '/d')
 
 
+@pytest.mark.slow
 def test_shards_hold_exactly_the_list_samples(data):
     root, train, val = data
     assert train == 'shards/train-{0000..0004}.tar' and val == 'shards/val-{0000..0003}.tar'
     for split, pattern in (('train', train), ('val', val)):
-        sources = shards.expand(pattern, root)
+        srcs = shards.expand(pattern, root)
         listed = datasets.ImageListDataset(root, os.path.join(root, f'{split}_list.txt'))
-        ds = shards.ShardDataset(sources, num_classes=10)
+        ds = shards.ShardDataset(srcs, num_classes=10)
         assert len(ds) == len(listed)
-        counts = [len(shards.load_index(s)['samples']) for s in sources]
+        counts = [len(shards.load_index(s)['samples']) for s in srcs]
         assert counts == ([7, 7, 7, 7, 2] if split == 'train' else [6, 6, 6, 2])
         for i in range(len(ds)):
             img, label, sid = ds[i]
@@ -90,6 +93,7 @@ def _config(root, **keys):
 _PIXELS = {}  # sample id -> its training image in epoch 1, over both parametrisations
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_every_sample_once_over_ranks_and_workers(data, workers):
     """Training: 2 ranks see the global batches of 1 rank with twice the batch, each sample at
@@ -98,7 +102,7 @@ def test_every_sample_once_over_ranks_and_workers(data, workers):
     root, train, val = data
     cfg = _config(root, DATA__TRAIN_SHARDS=train, DATA__VAL_SHARDS=val,
                   DATA__NUM_WORKERS=workers)
-    train_ds, val_ds = datasets.build_dataset(cfg, True), datasets.build_dataset(cfg, False)
+    train_ds, val_ds = sources.build_dataset(cfg, True), sources.build_dataset(cfg, False)
     assert len(train_ds) == 30 and len(val_ds) == 20
     pixels, global_batches = _PIXELS, {}
     for ranks in (1, 2):
@@ -144,6 +148,7 @@ def _piped(root, pattern):
     return 'pipe:cat ' + os.path.join(root, pattern)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_streamed_every_sample_once_over_ranks_and_workers(data, workers):
     """pipe: shards: per epoch each process gets T // (R*B) batches (30 samples, batch 4:
@@ -156,7 +161,7 @@ def test_streamed_every_sample_once_over_ranks_and_workers(data, workers):
     cfg = _config(root, DATA__TRAIN_SHARDS=_piped(root, train),
                   DATA__VAL_SHARDS=_piped(root, val), DATA__NUM_WORKERS=workers,
                   DATA__SHARD_SHUFFLE_BUFFER=5)
-    train_ds, val_ds = datasets.build_dataset(cfg, True), datasets.build_dataset(cfg, False)
+    train_ds, val_ds = sources.build_dataset(cfg, True), sources.build_dataset(cfg, False)
     assert isinstance(train_ds, shards.ShardStream) and (len(train_ds), len(val_ds)) == (30, 20)
     with open(os.path.join(root, shards.COUNTS_FILE)) as f:  # counted once, kept
         assert sorted(json.load(f).values()) == [2, 2, 6, 6, 6, 7, 7, 7, 7]
@@ -196,6 +201,7 @@ def test_streamed_every_sample_once_over_ranks_and_workers(data, workers):
         assert sorted(seen) == list(range(20))
 
 
+@pytest.mark.slow
 def test_eval_over_shards_equals_eval_over_lists(data, tmp_path):
     root, _, val = data
     cfg = _config(root)
@@ -231,12 +237,11 @@ def test_eval_over_shards_equals_eval_over_lists(data, tmp_path):
     assert evaluate('DATA.VAL_SHARDS', _piped(root, val), 'DATA.NUM_WORKERS', '2') == lists
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['seek', 'pipe'])
 def test_kill_and_resume_over_shards_is_exact(data, tmp_path, kind):
     """Pre-training over shards (masks and augmentation per sample id), 2 workers: kill -9
     mid-epoch 1 + -resume auto ends with the parameters of an uninterrupted run."""
-    from test_train import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, \
-        params, run
     root, train, _ = data
     pattern = _piped(root, train) if kind == 'pipe' else train
     opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
@@ -314,17 +319,17 @@ def _bad_shard(tmp_path, case):
 
 
 @pytest.mark.parametrize('case', ['truncated', 'undecodable', 'no_cls'])
-@pytest.mark.parametrize('kind', ['seek', 'pipe'])
+@pytest.mark.parametrize('kind', ['seek', pytest.param('pipe', marks=pytest.mark.slow)])
 def test_bad_shards(tmp_path, case, kind):
     good = _good(tmp_path)
     bad, member = _bad_shard(tmp_path, case)
     piped = kind == 'pipe'
-    sources = [f'pipe:cat {s}' if piped else s for s in (good, bad)]
-    cfg = _config(str(tmp_path), DATA__NUM_WORKERS=2, DATA__VAL_SHARDS='::'.join(sources))
+    srcs = [f'pipe:cat {s}' if piped else s for s in (good, bad)]
+    cfg = _config(str(tmp_path), DATA__NUM_WORKERS=2, DATA__VAL_SHARDS='::'.join(srcs))
     # 'error': one line naming shard and member (at build time, or from the loader in the
     # main thread: an image that does not decode; any problem of a streamed shard)
     with pytest.raises(datasets.DataError) as e:
-        ds = datasets.build_dataset(cfg, False)
+        ds = sources.build_dataset(cfg, False)
         for _ in datasets.build_loader(cfg, ds, False, num_replicas=1, rank=0):
             pass
     message = str(e.value)
@@ -332,7 +337,7 @@ def test_bad_shards(tmp_path, case, kind):
     # 'skip': the sample is left out and counted; evaluation counts the others once each
     cfg.defrost()
     cfg.DATA.ON_BAD_IMAGE = 'skip'
-    ds = datasets.build_dataset(cfg, False)
+    ds = sources.build_dataset(cfg, False)
     assert isinstance(ds, shards.ShardStream if piped else shards.ShardDataset)
     assert len(ds) == 6
     labels = []
@@ -342,7 +347,7 @@ def test_bad_shards(tmp_path, case, kind):
     assert sum(x != datasets.IGNORE_LABEL for x in labels) == 5
     # pre-training needs no labels: a sample without .cls is a sample
     if case == 'no_cls' and not piped:
-        ds = shards.ShardDataset(sources, need_labels=False)
+        ds = shards.ShardDataset(srcs, need_labels=False)
         assert ds[4][1] == datasets.IGNORE_LABEL and np.asarray(ds[4][0]).shape == (8, 8, 3)
 
 
@@ -361,6 +366,7 @@ def test_truncated_header_and_pipe_sources(tmp_path):
         shards.ShardDataset(['pipe:cat x.tar'])
 
 
+@pytest.mark.slow
 def test_failing_pipe_command(tmp_path):
     """A command that fails while counting or while training: one line with its exit code and
     what it printed."""
@@ -382,7 +388,7 @@ def test_failing_pipe_command(tmp_path):
     moved = str(tmp_path / 'moved.tar')
     os.link(good, moved)
     cfg = _config(str(tmp_path), DATA__TRAIN_SHARDS=f'pipe:cat {moved}', DATA__BATCH_SIZE=3)
-    ds = datasets.build_dataset(cfg, True)
+    ds = sources.build_dataset(cfg, True)
     os.remove(moved)
     with pytest.raises(datasets.DataError) as e:
         for _ in datasets.build_loader(cfg, ds, True, num_replicas=1, rank=0):
@@ -396,6 +402,6 @@ def test_failing_pipe_command(tmp_path):
                   DATA__ON_BAD_IMAGE='skip')
     with pytest.raises(datasets.DataError, match=r'good\.tar holds more samples than counted '
                                                  r'\(2\): delete its entry in shard_counts'):
-        for _ in datasets.build_loader(cfg, datasets.build_dataset(cfg, True), True,
+        for _ in datasets.build_loader(cfg, sources.build_dataset(cfg, True), True,
                                        num_replicas=1, rank=0):
             pass

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import config as cfgmod
-import transformer
+import tasks
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
@@ -66,6 +66,7 @@ def cli(tool, *args, check=True):
     return r
 
 
+@pytest.mark.slow
 def test_inspect_recipe_json():
     r = cli('inspect_recipe.py', '-cfg', os.path.join(ROOT, 'configs',
                                                       'vit_large_patch16_224_finetune.yaml'),
@@ -84,7 +85,7 @@ def mae_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp('mae')
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
     cfgmod.merge_opts(config, TINY)
-    model = transformer.build_model(config)
+    model = tasks.build_model(config)
     full = str(folder / 'full.pdparams')
     paddle.save(model.state_dict(), full)
     encoder = str(folder / 'encoder.pdparams')
@@ -93,6 +94,7 @@ def mae_checkpoint(tmp_path_factory):
     return full, encoder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('count', [1, 3])
 def test_visualize_png(demo, mae_checkpoint, tmp_path, count):
     images = []
@@ -109,6 +111,7 @@ def test_visualize_png(demo, mae_checkpoint, tmp_path, count):
     assert f'{count} image(s)' in r.stdout
 
 
+@pytest.mark.slow
 def test_visualize_refuses_encoder_only(demo, mae_checkpoint, tmp_path):
     r = cli('visualize.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'),
             '-pretrained', mae_checkpoint[1], '--out', str(tmp_path / 'x.png'),
@@ -126,14 +129,15 @@ def test_visualize_refuses_encoder_only(demo, mae_checkpoint, tmp_path):
         f'error: --out {out}: the folder {out.parent} does not exist'
 
 
+@pytest.mark.slow
 def test_export_and_predict_match_dynamic_model(demo, tmp_path):
-    import augment
+    import transforms
     import datasets
     from predict import Predictor
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     cfgmod.merge_opts(config, TINY[:6])
     paddle.seed(3)
-    model = transformer.build_model(config)
+    model = tasks.build_model(config)
     model.init_head(0.1)  # a head that says something, so the top-k order is meaningful
     weights = str(tmp_path / 'ft.pdparams')
     paddle.save(model.state_dict(), weights)
@@ -141,7 +145,7 @@ def test_export_and_predict_match_dynamic_model(demo, tmp_path):
     cli('export_model.py', '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'),
         '-pretrained', weights, '-output', out, '-opts', *TINY[:6])
     paths = [os.path.join(demo, 'val', c, '00001.png') for c in ('square', 'cross', 'checker')]
-    transform = augment.build_transform(False, config)
+    transform = transforms.build_transform(False, config)
     batch = np.stack([transform(datasets.load_rgb(p)) for p in paths])
     model.eval()
     expected = model(paddle.to_tensor(batch)).numpy()
@@ -160,11 +164,12 @@ def test_export_and_predict_match_dynamic_model(demo, tmp_path):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
 
+@pytest.mark.slow
 def test_memory_estimate_counts_the_real_model():
     import memory_estimate as mem
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
     total, trained = mem.parameter_counts(c)
-    model = transformer.build_model(c)
+    model = tasks.build_model(c)
     assert total == sum(int(np.prod(p.shape)) for p in model.parameters())
     assert trained == sum(int(np.prod(p.shape)) for p in model.parameters()
                           if not p.stop_gradient) < total  # fixed sin-cos embeddings
@@ -187,6 +192,7 @@ def test_memory_estimate_counts_the_real_model():
         4 * 2 * (12 * (17 * 1025 * 768 + 12 * 1025 ** 2) + heads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args', [
     ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6'],
     ['--data', '-cfg', 'configs/vit_base_patch16_224_finetune.yaml', '--images', '6',
@@ -218,6 +224,7 @@ def _run_script(name, tmp_path, **env):
                           env=dict(os.environ, DATA_PATH=str(tmp_path / 'nowhere'), **env))
 
 
+@pytest.mark.slow
 def test_run_scripts_fail_fast_in_one_line(tmp_path):
     r = _run_script('run_pretrain_vit_b.sh', tmp_path, PYTHON='/bin/false')
     assert r.returncode == 2 and r.stderr.strip() == (

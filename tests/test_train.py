@@ -14,13 +14,10 @@ import paddle
 import pytest
 
 from conftest import ROOT
+from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
-
-TINY_ARCH = ['MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.DEPTH', '2',
-             'MODEL.ENCODER.NUM_HEADS', '3', 'MODEL.DECODER.EMBED_DIM', '32',
-             'MODEL.DECODER.DEPTH', '1', 'MODEL.DECODER.NUM_HEADS', '4']
 
 
 @pytest.fixture(scope='module')
@@ -29,46 +26,6 @@ def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('demo'))
     make_demo_dataset.make(out, train_per_class=8, val_per_class=3, size=40, log=lambda m: None)
     return out
-
-
-def run(script, cfg, *args, opts=(), nproc=1, check=True, env=None, timeout=600):
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ['-m', 'paddle.distributed.launch', '--nproc_per_node', str(nproc),
-                '--log_dir', os.path.join(str(args[args.index('-output') + 1]) if '-output' in
-                                          args else '/tmp', 'launch_logs')]
-    cmd += [os.path.join(ROOT, script), '-cfg', os.path.join(ROOT, 'configs', cfg)] + \
-        list(args) + ['-opts'] + list(opts) + ['REPORT_FREQ', '100']
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env=dict(os.environ, **(env or {})))
-    if check:
-        assert r.returncode == 0, f'{cmd}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}'
-    return r
-
-
-def log_lines(out):
-    with open(os.path.join(out, 'log.txt')) as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
-def params(path):
-    """The tensors of a .pdparams (its '_meta' entry -- config, class names -- left out)."""
-    return {k: np.asarray(v) for k, v in paddle.load(path).items() if k != '_meta'}
-
-
-def max_diff(a, b):
-    """Largest abs difference over all parameters, except the key third of each qkv bias: its
-    exact gradient is 0 (softmax ignores a constant added to every key), so AdamW turns the
-    rounding noise there into lr-sized steps, in any framework."""
-    assert sorted(a) == sorted(b)
-    worst = 0.0
-    for k in a:
-        x, y = a[k].astype('float64'), b[k].astype('float64')
-        if k.endswith('attn.qkv.bias'):
-            third = x.shape[0] // 3
-            x, y = np.delete(x, np.s_[third:2 * third]), np.delete(y, np.s_[third:2 * third])
-        worst = max(worst, float(np.abs(x - y).max()))
-    return worst
 
 
 PRETRAIN_OPTS = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '1',
@@ -83,6 +40,7 @@ def pretrained(data, tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_pretrain_outputs(pretrained):
     out, r = pretrained
     lines = log_lines(out)
@@ -100,6 +58,7 @@ def test_pretrain_outputs(pretrained):
         assert 'EMBED_DIM: 48' in f.read()
 
 
+@pytest.mark.slow
 def test_finetune_linearprobe_and_eval(data, pretrained, tmp_path):
     ckpt = os.path.join(pretrained[0], 'latest.pdparams')
     common = TINY_ARCH[:6] + ['TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0',
@@ -124,6 +83,7 @@ def test_finetune_linearprobe_and_eval(data, pretrained, tmp_path):
         assert result['val_loss'] == pytest.approx(line['val_loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_linear_probe_keeps_encoder_frozen(data, pretrained, tmp_path):
     ckpt = os.path.join(pretrained[0], 'latest.pdparams')
     out = str(tmp_path / 'probe')
@@ -137,6 +97,7 @@ def test_linear_probe_keeps_encoder_frozen(data, pretrained, tmp_path):
     assert not np.allclose(after['head.0._mean'], 0)  # BatchNorm statistics were tracked
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(data, tmp_path):
     opts = PRETRAIN_OPTS + ['MODEL.NORM_PIX_LOSS', 'True']
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
@@ -155,6 +116,7 @@ def test_two_processes_equal_one(data, tmp_path):
         assert a['lr'] == pytest.approx(b['lr'])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_auto_is_exact(data, tmp_path):
     opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
                         'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1']
@@ -178,32 +140,6 @@ def test_kill_and_resume_auto_is_exact(data, tmp_path):
         [0, 1, 2]
 
 
-def kill_once_saved_mid_epoch_1(cmd, out):
-    """Run cmd and kill -9 it (with its loader workers) once it has saved mid-way through
-    epoch 1: an iteration checkpoint after epoch_0's (the save moves the pair before it to
-    previous.*, so previous.pdparams is epoch_0.pdparams), and no epoch_1.pdparams yet."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    epoch_0, previous = (os.path.join(out, f'{name}.pdparams') for name in ('epoch_0',
-                                                                            'previous'))
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if os.path.samefile(previous, epoch_0) and \
-                        not os.path.samefile(os.path.join(out, 'latest.pdparams'), epoch_0):
-                    time.sleep(0.05)  # (the .pdopt is renamed just after the .pdparams)
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        assert proc.poll() is None, 'the run ended before it could be killed'
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not os.path.exists(os.path.join(out, 'epoch_1.pdparams')), 'killed too late'
-
-
 @functools.lru_cache(maxsize=None)
 def _official_finetuned(tmp):
     """A timm ViT (random weights) saved as an official fine-tuned checkpoint and converted."""
@@ -223,11 +159,12 @@ def _official_finetuned(tmp):
     return ref, dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nproc', [1, 2])
 def test_eval_converted_official_weights_matches_reference(tmp_path_factory, nproc):
     import torch
     import config as cfgmod
-    import datasets
+    import sources
     tmp = str(tmp_path_factory.getbasetemp())
     data = os.path.join(tmp, 'eval23')
     if not os.path.exists(os.path.join(data, 'val_list.txt')):
@@ -253,7 +190,7 @@ def test_eval_converted_official_weights_matches_reference(tmp_path_factory, npr
     # reference: timm on the same eval-transformed images
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     config.DATA.DATA_PATH = data
-    ds = datasets.build_dataset(config, is_train=False)
+    ds = sources.build_dataset(config, is_train=False)
     images = np.stack([ds[i][0] for i in range(len(ds))])
     labels = np.array([int(ds[i][1]) for i in range(len(ds))])
     with torch.no_grad():
@@ -287,6 +224,7 @@ def _three_class_folders(root):
     return str(root)
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(data, tmp_path):
     cases = [
         (['-data_path', str(tmp_path / 'nowhere')], 'data folder not found'),
@@ -328,6 +266,7 @@ def test_user_errors_are_one_line(data, tmp_path):
         assert not os.path.exists(tmp_path / 'o')  # stopped before anything was written
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     out = str(tmp_path / 'diverge')
     opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'SAVE_FREQ', '1',
@@ -345,6 +284,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(data, tmp_path):
         in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_never_overwritten(data, pretrained, tmp_path):
     out = pretrained[0]
     before = {f: open(os.path.join(out, f), 'rb').read() for f in ('latest.pdparams', 'log.txt',
@@ -364,9 +304,9 @@ def test_a_finished_run_is_never_overwritten(data, pretrained, tmp_path):
 
 
 def test_default_output_folder_is_per_config(data, tmp_path, monkeypatch):
-    import utils
+    import cli
     monkeypatch.chdir(tmp_path)
-    config, _, logger = utils.setup('finetune', [
+    config, _, logger = cli.setup('finetune', [
         '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'), '-data_path', data])
     assert config.OUTPUT == os.path.join('output', 'tiny_finetune')
     assert not (tmp_path / 'output').exists()  # nothing is written before the run starts
@@ -402,6 +342,7 @@ def _wait_for(path, proc, timeout=300):
     assert proc.poll() is None, 'the run ended before the signal could be sent'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_stops_cleanly_and_resume_is_exact(data, uninterrupted, tmp_path, sig):
     """SIGTERM (pre-emption) or Ctrl-C mid-run: a checkpoint at the current step, one line
@@ -449,6 +390,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_no_loader_worker_outlives_a_killed_run(data, tmp_path):
     out = str(tmp_path / 'killed')
     proc = _start(data, out, TINY_ARCH + ['TRAIN.NUM_EPOCHS', '50', 'DATA.NUM_WORKERS', '2'])
@@ -472,12 +414,13 @@ def test_no_loader_worker_outlives_a_killed_run(data, tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_visualdl_steps_grow_per_tag_and_the_best_checkpoint_is_kept(data, tmp_path,
                                                                       monkeypatch):
     """A stand-in VisualDL writer records every scalar: iteration and epoch values go to tags of
     their own, each with growing steps; best.pdparams is the epoch with the best val_acc1."""
     import types
-    import engine
+    import cli
     calls = []
 
     class Writer:
@@ -491,7 +434,7 @@ def test_visualdl_steps_grow_per_tag_and_the_best_checkpoint_is_kept(data, tmp_p
             pass
     monkeypatch.setitem(sys.modules, 'visualdl', types.SimpleNamespace(LogWriter=Writer))
     out = str(tmp_path / 'ft')
-    engine.run('finetune', [
+    cli.run('finetune', [
         '-cfg', os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'), '-data_path', data,
         '-output', out, '-batch_size', '16', '-opts', *TINY_ARCH[:6], 'TRAIN.NUM_EPOCHS', '3',
         'TRAIN.WARMUP_EPOCHS', '0', 'DATA.NUM_WORKERS', '0', 'REPORT_FREQ', '2', 'SAVE_FREQ',
@@ -510,6 +453,7 @@ def test_visualdl_steps_grow_per_tag_and_the_best_checkpoint_is_kept(data, tmp_p
         assert f.read() == g.read()
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_config_and_class_names(tmp_path):
     """A run on class folders: its checkpoint evaluates and exports without -cfg, a -cfg that
     contradicts it is an error (not a resize), and predict prints the class names."""
@@ -553,6 +497,7 @@ def test_checkpoints_carry_config_and_class_names(tmp_path):
     assert line['classes'] == [meta['classes'][c] for c, _ in line['topk']]
 
 
+@pytest.mark.slow
 def test_resume_of_another_models_checkpoint_is_one_line(data, pretrained):
     out = pretrained[0]
     before = {f: open(os.path.join(out, f), 'rb').read() for f in ('latest.pdparams', 'log.txt',

@@ -168,7 +168,7 @@ def timed_images(args, tmp, count=None):
 
 def bench_data(config, args):
     """Images per second of decoding + the training transform, one process: this project's
-    (datasets.load_rgb + augment.build_transform) or, with --reference torch, timm's. -> float"""
+    (datasets.load_rgb + the task's build_transform) or, with --reference torch, timm's. -> float"""
     if args.reference == 'torch':
         import random
         import torch
@@ -177,9 +177,9 @@ def bench_data(config, args):
         random.seed(config.SEED)
         torch.manual_seed(config.SEED)
     else:
-        import augment
+        import tasks
         import utils
-        transform = augment.build_transform(not args.eval_transform, config)
+        transform = tasks.get_task(config).build_transform(not args.eval_transform)
         load = datasets.load_rgb
         kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
         utils.seed_everything(config.SEED, 0, 0, 0, include_paddle=False)
@@ -297,7 +297,7 @@ def bench_model(config, args):
     data = task.synthetic_batch(batch)  # (label maps for segmentation)
 
     def step():
-        loss = task.loss(model, data, 0)
+        loss = task.loss(model, data, 0)['loss']
         loss.backward()
         opt.step()
         opt.clear_grad()
@@ -371,6 +371,7 @@ def main(argv=None):
         errors += (utils.UserError,)
     try:
         config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)
+        config_lib.check_values(config)
         if args.data and config.TRAIN.MODE == 'segmentation':
             raise config_lib.ConfigError('--data times the image transforms of classification '
                                          'and pre-training configs, not the joint image + mask '

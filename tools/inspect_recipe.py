@@ -17,12 +17,12 @@ if __name__ == '__main__':
 
 import config as cfgmod  # noqa: E402
 import optim  # noqa: E402
-import transformer  # noqa: E402
+import tasks  # noqa: E402
 import utils  # noqa: E402
 
 
 def recipe(config, nranks, points_per_epoch=1):
-    model = transformer.build_model(config)  # as the task trains it (the probe: frozen)
+    model = tasks.build_model(config)  # as the task trains it (the probe: frozen)
     lr = optim.peak_lr(config, nranks)
     steps = int(round(config.TRAIN.NUM_EPOCHS * points_per_epoch))
     schedule = [[i / points_per_epoch, optim.lr_at(i / points_per_epoch, config, lr)]

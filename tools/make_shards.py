@@ -29,11 +29,17 @@ import tarfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runtime  # noqa: E402
 
+if __name__ == '__main__':
+    runtime.setup_process(restart=False)  # (a data tool: no malloc restart needed)
+
+import datasets  # noqa: E402
+import shards  # noqa: E402
+import utils  # noqa: E402
+
 
 def read_source(data_path, split, list_file=None):
     """-> [(path, label or None)], a description of the source: the samples of the list file,
     else of the class folders, as the training scripts read them (datasets.py)."""
-    import datasets
     list_file = list_file or os.path.join(data_path, f'{split}_list.txt')
     if os.path.isfile(list_file):
         found, source = datasets.ImageListDataset(data_path, list_file,
@@ -62,8 +68,6 @@ def _member(tar, name, data):
 def image_bytes(path):
     """-> (extension, bytes, converted): the file's own bytes when shards can hold its format,
     else a lossless PNG of the upright RGB image (converted True)."""
-    import datasets
-    import shards
     ext = os.path.splitext(path)[1].lower().lstrip('.')
     try:
         if ext in shards.IMAGE_EXTS:
@@ -78,7 +82,6 @@ def image_bytes(path):
 
 def make_shards(samples, out, prefix, samples_per_shard=0, max_mb=0.0, log=print):
     """Write the shards and their indexes; -> (list of shard paths, number converted)."""
-    import shards
     if samples_per_shard <= 0 and max_mb <= 0:
         raise ValueError('give --samples-per-shard and/or --max-mb')
     os.makedirs(out, exist_ok=True)
@@ -154,10 +157,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.samples_per_shard <= 0 and args.max_mb <= 0:
         args.samples_per_shard = 1000
-    import utils
 
     def count():
-        import shards
         sources = shards.expand(args.count, args.data_path)
         counts = shards.source_counts(sources, args.data_path)
         print(f'{sum(counts)} samples in {len(sources)} shard(s); counts in '
@@ -182,5 +183,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    runtime.setup_process(restart=False)  # (a data tool: no malloc restart needed)
     sys.exit(main())

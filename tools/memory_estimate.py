@@ -8,8 +8,8 @@ The count, per process (GiB = 2**30 bytes):
   - model states: weights, gradients and optimizer state, from the model's real parameter
     count (built under paddle.LazyGuard, nothing allocated). fp32: 4 B weights + 4 B
     gradients + AdamW 8 B (LARS 4 B) per trained parameter; AMP O1 adds the 2 B half-precision
-    copies of the weights that autocast makes and backward keeps. AMP O2 (AdamW only): 2 B weights + 2 B
-    gradients + 4 B float32 master weights + 8 B AdamW moments.
+    copies of the weights that autocast makes and backward keeps. AMP O2 (AdamW only): 2 B
+    weights + 2 B gradients + 4 B float32 master weights + 8 B AdamW moments.
   - activations kept for backward, per block and sample: 17 L*D values (inputs of the two
     LayerNorms and four Linears, q/k/v, the attention output, GELU input and output: 1+1+3+1+1+
     1+1+4+4) plus, without flash attention (fp32), the H*L*L attention probabilities; 4 B each
@@ -35,24 +35,30 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import runtime  # noqa: E402
+
+if __name__ == '__main__':
+    runtime.setup_process(restart=False)  # before Paddle loads: threads, its import notices
+
+import paddle  # noqa: E402
+
 import config as config_lib  # noqa: E402
+import tasks  # noqa: E402
+import transformer  # noqa: E402
 
 GIB = 2.0 ** 30
 SETTINGS = (('fp32', '', 'O1', False), ('AMP O1', 'bfloat16', 'O1', False),  # label, AMP,
             ('AMP O2', 'bfloat16', 'O2', False),                              # level, recompute
             ('AMP O2 + recompute', 'bfloat16', 'O2', True))
-OFFICIAL = [f'vit_{size}_{stage}' for size in ('base_patch16_224', 'large_patch16_224',
-                                                'huge_patch14_224')
+OFFICIAL = [f'vit_{size}_224_{stage}' for size in transformer.SIZES
             for stage in ('pretrain', 'finetune', 'linearprobe')] + [
-    f'vit_{size}_patch16_512_upernet_ade20k' for size in ('base', 'large')]
+    f'vit_{size}_512_upernet_ade20k' for size in ('base_patch16', 'large_patch16')]
 
 
 def parameter_counts(config):
     """-> (all parameters, trained parameters) of the config's model, built without memory."""
-    import paddle
-    import transformer
     with paddle.LazyGuard():
-        model = transformer.build_model(config)  # as its task trains it (the probe: frozen)
+        model = tasks.build_model(config)  # as its task trains it (the probe: frozen)
     total = sum(math.prod(p.shape) for p in model.parameters())
     trained = sum(math.prod(p.shape) for p in model.parameters() if not p.stop_gradient)
     return total, trained

@@ -27,9 +27,12 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 import paddle.inference as paddle_infer  # noqa: E402
 
-import augment  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
+import seg_data  # noqa: E402
+import seg_inference  # noqa: E402
+import seg_transforms  # noqa: E402
+import transforms  # noqa: E402
 import utils  # noqa: E402
 from export_model import model_files  # noqa: E402
 
@@ -40,7 +43,8 @@ class Predictor:
     def __init__(self, model_dir, use_gpu=False):
         program, params = model_files(model_dir)
         self.config = cfgmod.get_config(os.path.join(model_dir, 'config.yaml'))
-        self.transform = augment.build_transform(False, self.config)
+        cfgmod.check_values(self.config)
+        self.transform = transforms.build_transform(False, self.config)
         cfg = paddle_infer.Config(program, params)
         if use_gpu:
             cfg.enable_use_gpu(256, 0)
@@ -89,19 +93,17 @@ class SegmentationPredictor(Predictor):
 
     def __init__(self, model_dir, use_gpu=False):
         super().__init__(model_dir, use_gpu)
-        self.transform = augment.build_seg_transform(False, self.config)
+        self.transform = seg_transforms.build_seg_transform(False, self.config)
         self.classes = self.classes or [f'class_{i}'
                                         for i in range(self.config.MODEL.NUM_CLASSES)]
 
     def label_map(self, path):
         """-> (the RGB image, predicted classes (H, W) at its size)."""
-        import segmentation
         image = self.read(path)
-        return image, segmentation.image_label_map(self.logits, image, self.config,
-                                                   self.transform)
+        return image, seg_inference.image_label_map(self.logits, image, self.config,
+                                                    self.transform)
 
     def write(self, paths, out_dir):
-        import seg_data
         for path in paths:
             image, pred = self.label_map(path)
             stem = os.path.splitext(os.path.basename(path))[0]

@@ -32,12 +32,15 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-import augment  # noqa: E402
 import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
+import seg_data  # noqa: E402
+import seg_inference  # noqa: E402
+import seg_transforms  # noqa: E402
 import tasks  # noqa: E402
 import transformer  # noqa: E402
+import transforms  # noqa: E402
 import utils  # noqa: E402
 
 COLUMNS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
@@ -45,7 +48,7 @@ COLUMNS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
 
 def load_mae(config, weights):
     """The MAE model of a pre-training config with weights that include the decoder."""
-    model = transformer.build_model(config)
+    model = tasks.build_model(config)
     if not isinstance(model, transformer.MaskedAutoencoderViT):
         raise utils.UserError('visualize needs a pre-training config (*_pretrain.yaml)')
     state = checkpoint.split_meta(checkpoint.load_file(weights, 'weights'))[0]
@@ -116,7 +119,7 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
     eval_config = config.clone()
     eval_config.defrost()
     eval_config.DATA.CROP_PCT = 1.0  # whole image: resize the shorter side, centre crop
-    transform = augment.build_transform(False, eval_config)
+    transform = transforms.build_transform(False, eval_config)
     images = []
     for path in image_paths:
         try:
@@ -139,10 +142,8 @@ def visualize(config, weights, image_paths, out, seed=0, scale=None):
 def visualize_segmentation(config, weights, image_paths, out, scale=None):
     """Each image's predicted classes (sliding windows, as evaluation) over it, with a legend;
     one row per image, saved as out."""
-    import segmentation
-    import seg_data
-    predict = segmentation.checkpoint_predictor(config, weights)
-    transform = augment.build_seg_transform(False, config)
+    predict = seg_inference.model_predictor(tasks.load_trained(config, weights), config)
+    transform = seg_transforms.build_seg_transform(False, config)
     names = (checkpoint.saved_meta(weights) or {}).get('classes') or seg_data.class_names(config)
     rows = []
     for path in image_paths:
@@ -150,7 +151,7 @@ def visualize_segmentation(config, weights, image_paths, out, scale=None):
             image = datasets.load_rgb(path)
         except Exception as e:
             raise utils.UserError(f'cannot read image {path}: {e}') from None
-        pred = segmentation.image_label_map(predict, image, config, transform)
+        pred = seg_inference.image_label_map(predict, image, config, transform)
         zoom = scale or max(1, 256 // max(image.size))
         rows.append(seg_data.overlay(image, pred, names, scale=zoom))
     pad = 4
@@ -184,6 +185,7 @@ def main():
         raise utils.UserError(f'--out {args.out}: the folder {folder} does not exist')
     config = checkpoint.config_for(args.cfg, args.pretrained,
                                    lambda c: cfgmod.merge_opts(c, args.opts))
+    cfgmod.check_values(config)
     paddle.set_device('cpu')
     if isinstance(tasks.get_task(config), tasks.Segmentation):
         canvas = visualize_segmentation(config, args.pretrained, args.image, args.out,

@@ -1,0 +1,126 @@
+"""The entry points' command line: flags -> checked config -> the stage assembled from its
+task -> engine.fit (or, with -eval, engine.evaluate_only).
+
+    import runtime
+    runtime.setup_process()   # first: before anything imports Paddle
+    import cli
+    cli.main('finetune')      # a main_multi_gpu_<mode>.py is these four lines
+"""
+import argparse
+import os
+import sys
+
+import paddle
+import paddle.distributed as dist
+
+import checkpoint
+import config as cfgmod
+import datasets
+import engine
+import optim
+import tasks
+import transformer
+import utils
+from utils import UserError
+
+
+def main(mode, argv=None):
+    """A main_multi_gpu_<mode>.py: run(mode); a user's mistake prints one 'error: ...' line and
+    exits 2 (utils.run_main)."""
+    utils.run_main(lambda: run(mode, argv))
+
+
+def run(mode, argv=None):
+    """An entry point: flags -> config -> the task's model, data and optimizer -> fit (or,
+    with -eval, evaluate_only). main_multi_gpu_<mode>.py is this call."""
+    evaluates = tasks.TASKS[mode].best_metric is not None
+    config, args, logger = setup(mode, argv, can_eval=evaluates)
+    eval_only = evaluates and args.eval
+    task = tasks.get_task(config)
+    model = task.build_model()
+    if config.MODEL.PRETRAINED:
+        task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info, eval_only=eval_only)
+    val_loader = None
+    if task.evaluates:
+        val_loader = datasets.build_loader(config, task.build_dataset(False), is_train=False)
+    if eval_only:
+        engine.evaluate_only(task, model, val_loader, config, logger)
+        return
+    train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
+    optimizer = optim.build_optimizer(model, config, dist.get_world_size())
+    scaler = engine.build_scaler(config)
+    prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)
+    resumed = None
+    if prefix:  # (a checkpoint that does not fit stops here, before anything is written)
+        resumed = checkpoint.resume(prefix, model, optimizer, scaler)
+        logger.info(f'resumed from {prefix}: epoch {resumed["epoch"]}, iteration '
+                    f'{resumed["iter"]}')
+    logger.open(config)  # everything checked and built: the run folder starts here
+    engine.fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
+               scaler=scaler, resumed=resumed)
+
+
+def parse_args(stage, argv=None, can_eval=True):
+    """PaddleViT-style flags (DESIGN.md 3.3); -opts KEY VALUE ... overrides any config key.
+    can_eval: the stage's task evaluates, so -eval is offered."""
+    doc = getattr(sys.modules.get('__main__'), '__doc__', None)  # the entry point's own text
+    p = argparse.ArgumentParser(description=doc or f'MAE {stage} (PaddlePaddle)',
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-cfg', help='config YAML, e.g. configs/tiny_' + stage + '.yaml (with -eval '
+                   'of a checkpoint of this project: optional, the checkpoint carries its own)')
+    p.add_argument('-data_path', help='folder with train_list.txt / val_list.txt')
+    p.add_argument('-output', help='output folder (checkpoints, log.txt, config.yaml)')
+    p.add_argument('-batch_size', type=int, help='batch size per process')
+    p.add_argument('-pretrained', help='.pdparams to start from')
+    p.add_argument('-resume', help="checkpoint prefix (folder/latest) or 'auto'")
+    if can_eval:
+        p.add_argument('-eval', action='store_true', help='only evaluate -pretrained')
+    p.add_argument('-amp', nargs='?', const='float16', choices=['float16', 'bfloat16'],
+                   help='mixed precision on GPU (default float16)')
+    p.add_argument('-opts', nargs='+', action='extend', default=[],
+                   help='KEY VALUE pairs; may be given more than once, later ones win')
+    return p.parse_args(argv)
+
+
+def setup(stage, argv=None, can_eval=True):
+    """Flags -> checked config (paths, values, the run folder), distributed set-up, seeds;
+    returns (config, args, logger). Nothing is written yet: logger.open(config) starts the run
+    folder once the model and the data are built too."""
+    args = parse_args(stage, argv, can_eval)
+    eval_only = getattr(args, 'eval', False)
+    if eval_only:  # the checkpoint's own config, or a -cfg that agrees with it
+        config = checkpoint.config_for(args.cfg, args.pretrained,
+                                       lambda c: cfgmod.update_config(c, args))
+    elif not args.cfg:
+        raise UserError('-cfg FILE is needed, e.g. -cfg configs/tiny_' + stage + '.yaml')
+    else:
+        config = cfgmod.get_config(args.cfg)
+        cfgmod.update_config(config, args)
+    cfgmod.check_values(config)
+    transformer.model_shape(config)  # an unknown MODEL.NAME, a shape that contradicts it, ...
+    if not config.OUTPUT:  # a folder per config, so that stages and sizes do not collide
+        name = os.path.splitext(os.path.basename(args.cfg))[0] if args.cfg else stage
+        config.OUTPUT = os.path.join('output', name)
+    if config.TRAIN.MODE != stage:
+        raise UserError(f'{args.cfg or args.pretrained}: TRAIN.MODE is {config.TRAIN.MODE!r} '
+                        f'but this script is '
+                        f'for {stage!r}; use main_multi_gpu_{config.TRAIN.MODE}.py')
+    if config.MODEL.PRETRAINED:
+        checkpoint.check_file(config.MODEL.PRETRAINED, 'pretrained weights')
+    if config.MODEL.RESUME not in ('', 'auto'):
+        checkpoint.check_file(checkpoint.resume_prefix(config.MODEL.RESUME, '') + '.pdparams',
+                              'checkpoint file')
+    if config.TRAIN.AMP and not paddle.is_compiled_with_cuda():
+        print(f'note: TRAIN.AMP {config.TRAIN.AMP!r} has no effect on CPU; training in float32',
+              file=sys.stderr, flush=True)
+    config.freeze()
+    utils.init_distributed()
+    changed = []
+    if not eval_only:
+        changed = checkpoint.check_run_folder(config)
+        utils.barrier()  # every process has looked at the folder before the main one writes in it
+    utils.seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
+    logger = utils.Logger(None, sys.stderr) if eval_only else utils.Logger(config.OUTPUT)
+    if changed:
+        logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')
+    return config, args, logger
