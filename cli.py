@@ -1,10 +1,7 @@
 """The entry points' command line: flags -> checked config -> the stage assembled from its
-task -> engine.fit (or, with -eval, engine.evaluate_only).
-
-    import runtime
-    runtime.setup_process()   # first: before anything imports Paddle
-    import cli
-    cli.main('finetune')      # a main_multi_gpu_<mode>.py is these four lines
+task -> engine.fit (or, with -eval, engine.evaluate_only). A main_multi_gpu_<mode>.py makes the
+process set-up first (runtime.setup_process(), before anything imports Paddle), then calls
+cli.main('<mode>').
 """
 import argparse
 import os

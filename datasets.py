@@ -1,5 +1,6 @@
-"""Data: list-file and class-folder datasets, robust RGB loading, and the training / evaluation
-loaders (the image transforms are transforms.py's and seg_transforms.py's).
+"""Data: the DataSource contract every source meets, list-file and class-folder sources, robust
+RGB loading, and the training / evaluation loaders, which ask a source only what the contract
+names (sources.py picks the source; the image transforms are transforms.py's).
 
 Data folder (DESIGN.md 3.3): DATA_PATH/train_list.txt and DATA_PATH/val_list.txt, one image a
 line, `relative/path [label]` (paths relative to DATA_PATH; the label is optional for

@@ -180,11 +180,9 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
     """
     world = dist.get_world_size()
     peak = optim.peak_lr(config, world)
-    start_epoch, start_iter, best = 0, 0, {'value': None, 'epoch': None}
+    start_epoch, start_iter = (resumed['epoch'], resumed['iter']) if resumed else (0, 0)
+    best = Best(task.best_metric, resumed)
     if resumed:
-        start_epoch, start_iter = resumed['epoch'], resumed['iter']
-        best = {'value': resumed.get('best', resumed.get('best_acc1')),
-                'epoch': resumed.get('best_epoch')}
         logger.truncate(start_epoch)
     model, optimizer = prepare_amp(config, model, optimizer)
     net = model
@@ -194,49 +192,32 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'accum {config.TRAIN.ACCUM_ITER} = effective batch '
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
-
     meta = checkpoint.run_meta(config, train_loader.dataset.classes)
-    # a streamed data source (shards.ShardStream) plans each epoch for its processes x workers:
-    # a mid-epoch resume under another plan cannot continue that epoch exactly
-    plan = train_loader.dataset.plan()
-    plan = list(plan) if plan else None
-    if resumed and start_iter and plan and resumed.get('data_plan') not in (None, plan):
-        logger.info(f'warning: epoch {start_epoch} began with (processes, loader workers, '
-                    f'batch) = {tuple(resumed["data_plan"])} over streamed shards and goes on '
-                    f'with {tuple(plan)}: the rest of it is planned anew, so some of its samples'
-                    f' may be seen twice or not at all (later epochs are not affected)')
+    plan = _data_plan(train_loader.dataset, resumed, start_epoch, start_iter, logger)
 
     def save(epoch, next_iter, copies=()):
-        checkpoint.save_checkpoint(config.OUTPUT, net, optimizer,
-                                   {'epoch': epoch, 'iter': next_iter, 'best': best['value'],
-                                    'best_epoch': best['epoch'], 'data_plan': plan,
-                                    'best_metric': task.best_metric}, scaler, copies, meta)
+        state = {'epoch': epoch, 'iter': next_iter, 'data_plan': plan, **best.state()}
+        checkpoint.save_checkpoint(config.OUTPUT, net, optimizer, state, scaler, copies, meta)
 
     with StopRequests() as stop:
         for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
             start = time.time()
             train_loader.set_epoch(epoch, start_iter)
-            stats = train_one_epoch(task, model, train_loader, optimizer, epoch, config, logger,
-                                    peak, scaler=scaler, start_iter=start_iter, save_fn=save,
-                                    stop=stop)
+            record = {'epoch': epoch, **train_one_epoch(
+                task, model, train_loader, optimizer, epoch, config, logger, peak,
+                scaler=scaler, start_iter=start_iter, save_fn=save, stop=stop)}
             start_iter = 0
-            record = {'epoch': epoch, **stats}
             last = epoch + 1 == config.TRAIN.NUM_EPOCHS
             copies = []
             if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
                 metrics = task.evaluate(model, val_loader)
-                value = metrics[task.best_metric]
-                if best['value'] is None or value > best['value']:
-                    best = {'value': value, 'epoch': epoch}
+                if best.update(metrics, epoch):
                     copies.append('best')
                 record.update({k: v for k, v in metrics.items() if k != 'n'})
                 logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
-                            f'(best {task.best_metric} {best["value"]:.2f})')
+                            f'(best {task.best_metric} {best.value:.2f})')
             record['epoch_time_s'] = round(time.time() - start, 1)
             logger.epoch(record)
-            # VisualDL takes the numbers; a per-class table (segmentation) stays in log.txt
-            logger.scalars('epoch', epoch, **{k: v for k, v in record.items()
-                                              if k != 'epoch' and isinstance(v, (int, float))})
             if (epoch + 1) % config.SAVE_FREQ == 0 or last:
                 copies.append(f'epoch_{epoch}')
             save(epoch + 1, 0, copies)
@@ -244,7 +225,42 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 raise _stopped(stop, config, f'the end of epoch {epoch}')
     _summary(config, task, best, logger)
     logger.close()
-    return best['value']
+    return best.value
+
+
+class Best:
+    """The best value of the task's metric so far (higher is better) and its epoch; carried
+    through checkpoints, so a resumed run keeps it."""
+
+    def __init__(self, metric, resumed=None):
+        self.metric = metric
+        resumed = resumed or {}
+        self.value = resumed.get('best', resumed.get('best_acc1'))
+        self.epoch = resumed.get('best_epoch')
+
+    def update(self, metrics, epoch):
+        """-> whether metrics hold a new best."""
+        value = metrics[self.metric]
+        if self.value is None or value > self.value:
+            self.value, self.epoch = value, epoch
+            return True
+        return False
+
+    def state(self):
+        return {'best': self.value, 'best_epoch': self.epoch, 'best_metric': self.metric}
+
+
+def _data_plan(dataset, resumed, start_epoch, start_iter, logger):
+    """A streamed source's plan of an epoch (DataSource.plan), saved with checkpoints: a
+    mid-epoch resume under another plan cannot continue that epoch exactly, which is said."""
+    plan = dataset.plan()
+    plan = list(plan) if plan else None
+    if resumed and start_iter and plan and resumed.get('data_plan') not in (None, plan):
+        logger.info(f'warning: epoch {start_epoch} began with (processes, loader workers, '
+                    f'batch) = {tuple(resumed["data_plan"])} over streamed shards and goes on '
+                    f'with {tuple(plan)}: the rest of it is planned anew, so some of its samples'
+                    f' may be seen twice or not at all (later epochs are not affected)')
+    return plan
 
 
 def _summary(config, task, best, logger):
@@ -254,8 +270,8 @@ def _summary(config, task, best, logger):
                     key=lambda f: int(f[6:].split('.')[0])) if os.path.isdir(out) else []
     lines = [f'done: {config.TRAIN.NUM_EPOCHS} epochs; last checkpoint {out}/latest.pdparams'
              f' (+ .pdopt)']
-    if best['value'] is not None:
-        lines.append(f'best {task.best_metric} {best["value"]:.2f} after epoch {best["epoch"]}: '
+    if best.value is not None:
+        lines.append(f'best {task.best_metric} {best.value:.2f} after epoch {best.epoch}: '
                      f'{out}/best.pdparams')
     if copies:
         lines.append(f'kept: {", ".join(copies)}; log: {out}/log.txt')

@@ -241,10 +241,13 @@ class Logger:
                 self.vdl.add_scalar(tag=f'{kind}/{k}', step=step, value=float(v))
 
     def epoch(self, stats):
-        """Append one JSON line to log.txt (main process)."""
+        """An epoch's record: one JSON line appended to log.txt (main process), its numbers
+        to VisualDL under 'epoch/' (a per-class table, segmentation's, stays in log.txt)."""
         if self.main and self.output_dir:
             with open(os.path.join(self.output_dir, 'log.txt'), 'a') as f:
                 f.write(json.dumps(stats) + '\n')
+        self.scalars('epoch', stats['epoch'], **{k: v for k, v in stats.items()
+                                                 if k != 'epoch' and isinstance(v, (int, float))})
 
     def truncate(self, first_epoch):
         """After a resume: drop the log.txt lines of epochs >= first_epoch (trained again)."""

@@ -66,6 +66,10 @@ def test_segmentor_learns_and_eval_counts_each_image_once(segdata, trained):
     assert [x['epoch'] for x in lines] == list(range(8))
     assert 'mIoU' in lines[3] and 'mIoU' not in lines[2]  # VALIDATE_FREQ 4
     assert lines[-1]['train_loss'] < 0.8 * lines[0]['train_loss']
+    for x in lines:  # the task's named losses, logged apart: decode + 0.4 x auxiliary
+        assert x['train_loss'] == pytest.approx(x['train_loss_decode'] + x['train_loss_aux'],
+                                                rel=1e-5)
+        assert x['train_loss_aux'] > 0 and x['train_loss_decode'] > 0
     assert set(lines[-1]['IoU']) == {'background', 'stripes', 'checker', 'dots', 'solid'}
     before = eval_json(run(SCRIPT, CFG, '-data_path', segdata, '-pretrained', init, '-eval',
                            opts=opts))
