@@ -34,16 +34,18 @@ def run(mode, argv=None):
     config, args, logger = setup(mode, argv, can_eval=evaluates)
     eval_only = evaluates and args.eval
     task = tasks.get_task(config)
-    model = task.build_model()
-    if config.MODEL.PRETRAINED:
-        task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info, eval_only=eval_only)
+    # the data first: a wrong path or list is named before a large model is built
     val_loader = None
     if task.evaluates:
         val_loader = datasets.build_loader(config, task.build_dataset(False), is_train=False)
+    if not eval_only:
+        train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
+    model = task.build_model()
+    if config.MODEL.PRETRAINED:
+        task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info, eval_only=eval_only)
     if eval_only:
         engine.evaluate_only(task, model, val_loader, config, logger)
         return
-    train_loader = datasets.build_loader(config, task.build_dataset(True), is_train=True)
     optimizer = optim.build_optimizer(model, config, dist.get_world_size())
     scaler = engine.build_scaler(config)
     prefix = checkpoint.resume_prefix(config.MODEL.RESUME, config.OUTPUT, logger.info)

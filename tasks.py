@@ -2,12 +2,13 @@
 
 get_task(config) looks TRAIN.MODE up once and gives an object that
   - builds the model (with its head, and with what the task freezes frozen): build_model();
-  - builds its training / evaluation data: build_dataset(is_train);
+  - builds its transform and its training / evaluation data (the source the config points at,
+    sources.py): build_transform(is_train), build_dataset(is_train);
   - loads MODEL.PRETRAINED into it: load_pretrained();
-  - computes the loss of a training batch: loss(model, batch, epoch);
+  - computes the losses of a training batch, by name: loss(model, batch, epoch) -> {'loss': ...};
   - evaluates: evaluate(model, loader) -> dict of metrics (with 'n', the images counted);
   - names the metric that picks the best checkpoint: best_metric (None: no evaluation);
-  - says what its data pipeline needs: needs_labels, single_draw_crop.
+  - says what its data pipeline needs: needs_labels, single_draw_crop, data_kind.
 The engine, the entry points and the tools ask the task; none of them branches on TRAIN.MODE.
 Adding a task is a class here (registered in TASKS and in config.CHOICES['TRAIN.MODE']), a
 config and a thin main_multi_gpu_<mode>.py.
@@ -271,12 +272,12 @@ class Segmentation(Task):
 
     def loss(self, model, batch, epoch):
         images, labels = batch[0], batch[1].astype('int64')
-        logits, aux = model(images)
+        logits, aux_logits = model(images)
         decode = self.pixel_loss(logits, labels)
         weight = self.config.MODEL.SEGMENTATION.AUX_WEIGHT
         if not weight:
             return {'loss': decode, 'loss_decode': decode}
-        aux = weight * self.pixel_loss(aux, labels)  # (weighted, as mmsegmentation logs it)
+        aux = weight * self.pixel_loss(aux_logits, labels)  # (weighted, as mmsegmentation logs it)
         return {'loss': decode + aux, 'loss_decode': decode, 'loss_aux': aux}
 
     @paddle.no_grad()
