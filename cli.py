@@ -118,7 +118,7 @@ def setup(stage, argv=None, can_eval=True):
     if not eval_only:
         changed = checkpoint.check_run_folder(config)
         utils.barrier()  # every process has looked at the folder before the main one writes in it
-    utils.seed_everything(config.SEED, 'init')  # the same on every process: identical initial weights
+    utils.seed_everything(config.SEED, 'init')  # the same on every process: the same weights
     logger = utils.Logger(None, sys.stderr) if eval_only else utils.Logger(config.OUTPUT)
     if changed:
         logger.info(f'resume: settings changed since the run was started: {"; ".join(changed)}')

@@ -1,7 +1,7 @@
 """The one training loop all tasks share: fit() loops epochs (resume, train, validate, log,
 checkpoint), train_one_epoch() steps through one epoch, evaluate_only() is -eval (cli.py
-assembles a stage from its task and calls them). Nothing here branches on TRAIN.MODE: the task computes the loss,
-evaluates and names the metric that picks the best checkpoint.
+assembles a stage from its task and calls them). Nothing here branches on TRAIN.MODE: the task
+computes the losses, evaluates and names the metric that picks the best checkpoint.
 """
 import contextlib
 import json

@@ -333,7 +333,8 @@ class EncoderProtocol:
         `prefix`. Returns state, or a new dict when something changed."""
         pos = prefix + 'pos_embed'
         pe = state[pos]
-        if tuple(pe.shape) == tuple(self.pos_embed.shape) or pe.shape[-1] != self.pos_embed.shape[-1]:
+        own = self.pos_embed.shape
+        if tuple(pe.shape) == tuple(own) or pe.shape[-1] != own[-1]:
             return state
         new_grid = self.patch_embed.grid_size
         log(f'pretrained: interpolating pos_embed from {int(round((pe.shape[1] - 1) ** 0.5))}^2 '

@@ -133,7 +133,8 @@ def test_class_folder_mistakes_are_errors_naming_the_folders(tmp_path):
 def test_flat_folder_is_unlabelled_for_pretraining_only(tmp_path):
     os.makedirs(tmp_path / 'train')
     H.noise_image(8, 8).save(tmp_path / 'train' / 'x.png')
-    ds = tasks.get_task(H.tiny_config('pretrain', DATA__DATA_PATH=str(tmp_path))).build_dataset(True)
+    pretrain = tasks.get_task(H.tiny_config('pretrain', DATA__DATA_PATH=str(tmp_path)))
+    ds = pretrain.build_dataset(True)
     assert ds.labels.tolist() == [datasets.IGNORE_LABEL]
     with pytest.raises(DataError, match='no class sub-folders'):
         datasets.ImageFolderDataset(str(tmp_path / 'train'), require_labels=True)

@@ -21,6 +21,11 @@ CLASS_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
                           [0, 255, 255]], np.uint8)
 
 
+def seg_dataset(config, is_train, transform=None):
+    """The segmentation dataset the factory builds for the config."""
+    return sources.build_dataset(config, is_train, transform, kind='segmentation')
+
+
 def seg_config(root='', **keys):
     """Defaults + a small segmentation set-up (crop 32, images resized into (64, 32)), with
     KEY__SUB=value overrides."""
@@ -378,16 +383,16 @@ def test_photometric_changes_colours_not_labels():
 def test_reduce_zero_label_and_values_kept_without_it(tmp_path):
     raw = np.array([[0, 1, 5, 255], [2, 0, 3, 4]], np.uint8)
     write_pair(str(tmp_path), 'validation', 'a', np.zeros((2, 4, 3), np.uint8), raw, '.png')
-    on = sources.build_dataset(seg_config(str(tmp_path), DATA__REDUCE_ZERO_LABEL=True), False, kind='segmentation')
+    on = seg_dataset(seg_config(str(tmp_path), DATA__REDUCE_ZERO_LABEL=True), False)
     assert on[0][1].tolist() == [[255, 0, 4, 255], [1, 255, 2, 3]]
-    off = sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=6), False, kind='segmentation')
+    off = seg_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=6), False)
     assert off[0][1].tolist() == raw.tolist()
 
 
 def test_evaluation_samples_and_collate_through_the_loader(tmp_path):
     root, pairs = ade_root(tmp_path)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__BATCH_SIZE_EVAL=3)
-    ds = sources.build_dataset(cfg, False, kind='segmentation')
+    ds = seg_dataset(cfg, False)
     assert ds.collate_fn is seg_data.collate_eval
     sizes = [(40, 30), (52, 36), (30, 44)]
     for workers in (0, 2):
@@ -406,7 +411,7 @@ def test_evaluation_samples_and_collate_through_the_loader(tmp_path):
 def test_training_samples_collate_by_default_and_match_direct_indexing(tmp_path):
     root, _ = ade_root(tmp_path, split='training', sizes=[(40, 30), (52, 36)] * 3)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__NUM_WORKERS=2)
-    ds = sources.build_dataset(cfg, True, kind='segmentation')
+    ds = seg_dataset(cfg, True)
     assert ds.collate_fn is None
     loader = datasets.build_loader(cfg, ds, True, num_replicas=1, rank=0)
     loader.set_epoch(3)
@@ -428,7 +433,7 @@ def test_per_sample_seeding(tmp_path):
     write_pair(root, 'training', 'a', np.asarray(H.noise_image(40, 30)), labels, '.png')
     H.write_list(tmp_path / 'train_list.txt', ['images/training/a.png annotations/training/a.png']
                  * 3)
-    ds = sources.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True, kind='segmentation')
+    ds = seg_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True)
     ds.augment_seed, ds.augment_epoch = 5, 0
     first = ds[1]
     np.random.seed(123)  # whatever the global state was: the sample reseeds
@@ -446,7 +451,7 @@ def test_missing_annotation_in_the_ade_layout_is_found_at_construction(tmp_path)
     root, pairs = ade_root(tmp_path)
     os.remove(pairs[1][1])
     with pytest.raises(DataError) as e:
-        sources.build_dataset(seg_config(root, DATA__ON_BAD_IMAGE='skip'), False, kind='segmentation')
+        seg_dataset(seg_config(root, DATA__ON_BAD_IMAGE='skip'), False)
     one_line(str(e.value), 'annotation not found', pairs[1][1], pairs[1][0])
 
 
@@ -456,7 +461,7 @@ def test_missing_annotation_in_a_list_names_the_line(tmp_path):
     H.write_list(tmp_path / 'train_list.txt', ['# pairs', f'{rel[0][0]} {rel[0][1]}', '',
                                                f'{rel[1][0]} annotations/nope.png'])
     with pytest.raises(DataError) as e:
-        sources.build_dataset(seg_config(root), True, kind='segmentation')
+        seg_dataset(seg_config(root), True)
     one_line(str(e.value), 'annotation not found', os.path.join(root, 'annotations/nope.png'),
              'train_list.txt line 4')
 
@@ -477,7 +482,7 @@ def test_bad_annotations_are_one_line_errors_naming_the_file(tmp_path, case):
     # (files hold 1..5: classes 0..4 after reduce-zero-label, or 6 classes without it)
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=reduce, DATA__ON_BAD_IMAGE='skip',
                      MODEL__NUM_CLASSES=5 if reduce else 6)
-    ds = sources.build_dataset(cfg, False, kind='segmentation')
+    ds = seg_dataset(cfg, False)
     assert ds[0][2] == 0 and ds[1][2] == 1  # the others are fine
     with pytest.raises(DataError) as e:
         ds[2]
@@ -500,7 +505,7 @@ def test_negative_label_in_a_32_bit_annotation_names_file_and_line(tmp_path):
     Image.fromarray(np.full((4, 6), -3, np.int32)).save(tmp_path / 'a.tif')
     assert Image.open(tmp_path / 'a.tif').mode == 'I'
     H.write_list(tmp_path / 'val_list.txt', ['a.png a.tif'])
-    ds = sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=5), False, kind='segmentation')
+    ds = seg_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=5), False)
     with pytest.raises(DataError) as e:
         ds[0]
     one_line(str(e.value), str(tmp_path / 'a.tif'), 'val_list.txt line 1', 'label value -3')
@@ -510,7 +515,7 @@ def test_bad_annotation_inside_loader_workers_is_raised_in_the_main_process(tmp_
     root, pairs = ade_root(tmp_path)
     Image.new('RGB', (30, 44)).save(pairs[2][1])
     cfg = seg_config(root, DATA__NUM_WORKERS=2, DATA__REDUCE_ZERO_LABEL=True)
-    loader = datasets.build_loader(cfg, sources.build_dataset(cfg, False, kind='segmentation'), False,
+    loader = datasets.build_loader(cfg, seg_dataset(cfg, False), False,
                                    num_replicas=1, rank=0)
     with pytest.raises(DataError) as e:
         list(loader)
@@ -526,7 +531,7 @@ def test_index_image_modes_that_are_accepted(tmp_path):
     Image.fromarray(values.astype(np.uint16)).save(pairs[1][1])  # 16-bit grey
     Image.fromarray(values > 2).save(pairs[2][1])  # bilevel '1'
     assert Image.open(pairs[0][1]).mode == 'P' and Image.open(pairs[1][1]).mode.startswith('I')
-    ds = sources.build_dataset(seg_config(root), False, kind='segmentation')
+    ds = seg_dataset(seg_config(root), False)
     assert ds[0][1].tolist() == values.tolist()
     assert ds[1][1].tolist() == values.tolist()
     assert ds[2][1].tolist() == (values > 2).astype(int).tolist()
@@ -538,10 +543,10 @@ def test_unreadable_images_skip_or_error_and_evaluation_marks_them(tmp_path):
         f.write(b'not a PNG')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True)
     with pytest.raises(BadImageError) as e:
-        sources.build_dataset(cfg, False, kind='segmentation')[1]
+        seg_dataset(cfg, False)[1]
     one_line(str(e.value), pairs[1][0], f'annotation {pairs[1][1]}', 'DATA.ON_BAD_IMAGE skip')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__ON_BAD_IMAGE='skip')
-    val = sources.build_dataset(cfg, False, kind='segmentation')
+    val = seg_dataset(cfg, False)
     image, label, sid = val[1]  # replaced by image 2: left out of evaluation
     assert sid == -1 and (label == IGNORE).all() and label.shape == (44, 30)
     images, labels, ids = next(iter(datasets.build_loader(cfg, val, False, 1, 0)))
@@ -557,7 +562,7 @@ def test_training_replaces_an_unreadable_image_by_the_next_pair(tmp_path):
         f.write(b'')
     cfg = seg_config(root, DATA__REDUCE_ZERO_LABEL=True, DATA__ON_BAD_IMAGE='skip',
                      DATA__SEG_RATIO_RANGE=[1.0, 1.0], DATA__SEG_SCALE=[52, 36])
-    train = sources.build_dataset(cfg, True, kind='segmentation')
+    train = seg_dataset(cfg, True)
     np.random.seed(0)
     image, label, sid = train[0]
     assert sid == 0 and train.num_skipped == 1  # the slot keeps its identity
@@ -575,11 +580,11 @@ def test_list_layout_wins_and_describes_its_lines(tmp_path):
     H.write_list(tmp_path / 'train_list.txt', ['# image annotation', '',
                                                f'{rel[2][0]}  {rel[2][1]}',
                                                f'  {rel[0][0]} {rel[0][1]}  '])
-    ds = sources.build_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True, kind='segmentation')
+    ds = seg_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True)
     assert len(ds) == 2 and ds.path(0) == pairs[2][0] and ds.annotation(1) == pairs[0][1]
     assert ds.describe(0) == (f'{pairs[2][0]} (annotation {pairs[2][1]}, '
                               f'{tmp_path / "train_list.txt"} line 3)')
-    ade = sources.build_dataset(seg_config(root, DATA__TRAIN_LIST='none.txt'), True, kind='segmentation')
+    ade = seg_dataset(seg_config(root, DATA__TRAIN_LIST='none.txt'), True)
     assert len(ade) == 3 and ade.describe(1) == f'{pairs[1][0]} (annotation {pairs[1][1]})'
 
 
@@ -587,17 +592,17 @@ def test_list_layout_wins_and_describes_its_lines(tmp_path):
 def test_malformed_list_lines_name_file_and_line(tmp_path, line):
     path = H.write_list(tmp_path / 'val_list.txt', ['a.jpg a.png', line])
     with pytest.raises(DataError) as e:
-        sources.build_dataset(seg_config(str(tmp_path)), False, kind='segmentation')
+        seg_dataset(seg_config(str(tmp_path)), False)
     one_line(str(e.value), f'{path} line 2', "expected 'image_path annotation_path'")
 
 
 def test_build_dataset_names_what_is_missing(tmp_path):
     with pytest.raises(DataError, match=r'set DATA.DATA_PATH'):
-        sources.build_dataset(seg_config(), True, kind='segmentation')
+        seg_dataset(seg_config(), True)
     with pytest.raises(DataError, match='data folder not found'):
-        sources.build_dataset(seg_config(str(tmp_path / 'nope')), True, kind='segmentation')
+        seg_dataset(seg_config(str(tmp_path / 'nope')), True)
     with pytest.raises(DataError) as e:
-        sources.build_dataset(seg_config(str(tmp_path)), False, kind='segmentation')
+        seg_dataset(seg_config(str(tmp_path)), False)
     one_line(str(e.value), 'neither the list file val_list.txt (DATA.VAL_LIST)',
              'images/validation/')
 
@@ -619,7 +624,7 @@ def test_class_names(tmp_path):
     one_line(str(e.value), 'class_names.txt names 3 classes', 'MODEL.NUM_CLASSES is 4')
     ade_root(tmp_path)  # and the data set is refused at once, not at its first evaluation
     with pytest.raises(DataError, match='class_names.txt names 3 classes'):
-        sources.build_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=4), False, kind='segmentation')
+        seg_dataset(seg_config(str(tmp_path), MODEL__NUM_CLASSES=4), False)
 
 
 def test_palette_is_deterministic_and_well_separated():
@@ -678,7 +683,7 @@ def test_segmentation_demo_is_deterministic_and_loads(tmp_path, capsys):
     assert seen == set(range(len(names) + 1))  # unlabelled, background, every shape
     cfg = seg_config(str(tmp_path / 'a'), DATA__REDUCE_ZERO_LABEL=True)
     for is_train in (True, False):
-        ds = sources.build_dataset(cfg, is_train, kind='segmentation')
+        ds = seg_dataset(cfg, is_train)
         labels = np.unique(np.concatenate([ds[i][1].ravel() for i in range(len(ds))]))
         assert set(labels.tolist()) <= set(range(5)) | {IGNORE}
     assert seg_data.class_names(cfg) == names
