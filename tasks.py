@@ -371,6 +371,10 @@ def build_model(config):
     return get_task(config).build_model()
 
 
+for _mode in TASKS:  # transformer.build_model answers for every task (handed down, not imported)
+    transformer.register_builder(_mode, build_model)
+
+
 def load_trained(config, weights):
     """The task's model with all of `weights` loaded (as -eval loads them), in eval mode."""
     task = get_task(config)

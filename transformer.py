@@ -663,7 +663,7 @@ def add_linear_probe_head(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Factories and build_from_config
+# Factories, build_from_config, build_model
 # ----------------------------------------------------------------------------------------------
 SIZES = {  # the named sizes (official MAE / timm): label, encoder shape
     'base_patch16': ('ViT-B/16', dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -778,3 +778,23 @@ def build_from_config(config, features_only=False):
                       global_pool=m.GLOBAL_POOL, rel_pos_bias=m.REL_POS_BIAS,
                       features_only=features_only)
     return FACTORIES[m.NAME](**kwargs)
+
+
+# Models that higher layers assemble around these networks (the linear probe's head on a frozen
+# encoder, the segmentor) are built by their task: tasks.py hands each task's builder down here
+# when it is imported, so that build_model answers for every TRAIN.MODE without this module
+# importing any task.
+MODEL_BUILDERS = {}
+
+
+def register_builder(mode, build):
+    """build(config) -> the model of TRAIN.MODE `mode` as its task trains it."""
+    MODEL_BUILDERS[mode] = build
+
+
+def build_model(config):
+    """The model a config describes, as its task trains it: the builder registered for
+    TRAIN.MODE (every task of tasks.py registers one), else the network of build_from_config
+    (what pre-training and fine-tuning train)."""
+    build = MODEL_BUILDERS.get(config.TRAIN.MODE)
+    return build(config) if build is not None else build_from_config(config)

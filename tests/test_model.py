@@ -93,22 +93,36 @@ def test_classifier_heads_have_official_keys():
 def test_build_model_follows_config():
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     c.DATA.IMAGE_SIZE = 48
-    m = tasks.build_model(c)
+    m = T.build_model(c)
     assert m.pos_embed.shape == [1, 1 + 12 * 12, c.MODEL.ENCODER.EMBED_DIM]
     assert m.head.weight.shape == [c.MODEL.ENCODER.EMBED_DIM, c.MODEL.NUM_CLASSES]
     assert m.blocks[-1].drop_path.drop_prob == pytest.approx(c.MODEL.DROP_PATH)
     assert not m.recompute
     c.MODEL.RECOMPUTE = True
-    assert tasks.build_model(c).recompute
+    assert T.build_model(c).recompute
     c.MODEL.NAME = 'mae_vit_custom'
     with pytest.raises(ValueError, match="MODEL.NAME 'mae_vit_custom' does not fit "
                                          "TRAIN.MODE 'finetune'"):
-        tasks.build_model(c)
+        T.build_model(c)
     c.MODEL.NAME = 'vit_gigantic'
     with pytest.raises(ValueError, match="MODEL.NAME 'vit_gigantic' is not a known model"):
-        tasks.build_model(c)
-    p = tasks.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
+        T.build_model(c)
+    p = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml')))
     assert isinstance(p, T.MaskedAutoencoderViT) and p.norm_pix_loss
+
+
+def test_build_model_builds_what_each_task_trains():
+    """transformer.build_model answers for every TRAIN.MODE through the builders the tasks hand
+    down (tasks.py registers them; the model layer imports no task)."""
+    assert set(T.MODEL_BUILDERS) == set(tasks.TASKS)
+    probe = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs',
+                                                         'tiny_linearprobe.yaml')))
+    assert isinstance(probe.head, paddle.nn.Sequential)  # BN + Linear, the encoder frozen
+    assert [n for n, p in probe.named_parameters() if not p.stop_gradient] == \
+        ['head.1.weight', 'head.1.bias']
+    seg = T.build_model(cfgmod.get_config(os.path.join(ROOT, 'configs',
+                                                       'tiny_segmentation.yaml')))
+    assert type(seg).__name__ == 'Segmentor' and hasattr(seg, 'decode_head')
 
 
 def test_named_size_fixes_the_shape():

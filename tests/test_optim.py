@@ -12,7 +12,8 @@ import torch
 
 import config as cfgmod
 import optim
-import tasks
+import tasks  # noqa: F401  (hands the tasks' model builders to transformer.build_model)
+import transformer
 from conftest import ROOT
 
 
@@ -38,7 +39,7 @@ def timm_rules(model, weight_decay, layer_decay=None, no_decay=()):
 @pytest.mark.parametrize('size,depth,dim', [('base', 12, 768), ('large', 24, 1024)])
 def test_finetune_groups_equal_timm_layer_decay(size, depth, dim):
     c = cfg(f'vit_{size}_patch16_224_finetune')
-    ours = optim.param_rules(tasks.build_model(c), c)
+    ours = optim.param_rules(transformer.build_model(c), c)
     ref_model = timm_vit.VisionTransformer(
         patch_size=16, embed_dim=dim, depth=depth, num_heads=16, num_classes=1000,
         global_pool='avg', norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
@@ -57,7 +58,7 @@ def test_finetune_groups_equal_timm_layer_decay(size, depth, dim):
 @pytest.mark.slow
 def test_pretrain_groups_decay_tokens_not_1d():
     c = cfg('vit_base_patch16_224_pretrain')
-    model = tasks.build_model(c)
+    model = transformer.build_model(c)
     ours = optim.param_rules(model, c)
     assert 'pos_embed' not in ours and 'decoder_pos_embed' not in ours  # fixed, not trained
     assert ours['cls_token'] == (1.0, 0.05) and ours['mask_token'] == (1.0, 0.05)
@@ -67,7 +68,7 @@ def test_pretrain_groups_decay_tokens_not_1d():
 
 def test_linear_probe_trains_only_head():
     c = cfg('tiny_linearprobe')
-    model = tasks.build_model(c)  # the task freezes all but the head
+    model = transformer.build_model(c)  # the task freezes all but the head
     assert set(optim.param_rules(model, c)) == {'head.1.weight', 'head.1.bias'}
     assert isinstance(optim.build_optimizer(model, c, 1), paddle.optimizer.AdamW)  # tiny config
     c = cfg('tiny_linearprobe', TRAIN__OPTIMIZER__NAME='LARS')  # the official recipe's
@@ -119,7 +120,7 @@ def test_steps_equal_torch_with_official_groups(name):
     c = cfg('tiny_finetune')
     c.TRAIN.OPTIMIZER.NAME = name
     paddle.seed(0)
-    model = tasks.build_model(c)
+    model = transformer.build_model(c)
     rules = optim.param_rules(model, c)
     opt = optim.build_optimizer(model, c, 1)
     lr = 3e-3
@@ -206,8 +207,8 @@ class _Wrapped(paddle.nn.Layer):
 @pytest.mark.slow
 def test_wrapped_encoder_groups_equal_the_bare_encoders_under_the_prefix():
     c = cfg('vit_base_patch16_224_finetune')
-    bare = optim.param_rules(tasks.build_model(c), c)
-    wrapped = optim.param_rules(_Wrapped(tasks.build_model(c)), c)
+    bare = optim.param_rules(transformer.build_model(c), c)
+    wrapped = optim.param_rules(_Wrapped(transformer.build_model(c)), c)
     assert set(wrapped) == {'backbone.' + n for n in bare} | {'neck.weight', 'neck.bias'}
     for name, rule in bare.items():
         assert wrapped['backbone.' + name] == rule, name

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import config as cfgmod
-import tasks
+import tasks  # noqa: F401  (hands the tasks' model builders to transformer.build_model)
+import transformer
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
@@ -85,7 +86,7 @@ def mae_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp('mae')
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
     cfgmod.merge_opts(config, TINY)
-    model = tasks.build_model(config)
+    model = transformer.build_model(config)
     full = str(folder / 'full.pdparams')
     paddle.save(model.state_dict(), full)
     encoder = str(folder / 'encoder.pdparams')
@@ -137,7 +138,7 @@ def test_export_and_predict_match_dynamic_model(demo, tmp_path):
     config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
     cfgmod.merge_opts(config, TINY[:6])
     paddle.seed(3)
-    model = tasks.build_model(config)
+    model = transformer.build_model(config)
     model.init_head(0.1)  # a head that says something, so the top-k order is meaningful
     weights = str(tmp_path / 'ft.pdparams')
     paddle.save(model.state_dict(), weights)
@@ -169,7 +170,7 @@ def test_memory_estimate_counts_the_real_model():
     import memory_estimate as mem
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
     total, trained = mem.parameter_counts(c)
-    model = tasks.build_model(c)
+    model = transformer.build_model(c)
     assert total == sum(int(np.prod(p.shape)) for p in model.parameters())
     assert trained == sum(int(np.prod(p.shape)) for p in model.parameters()
                           if not p.stop_gradient) < total  # fixed sin-cos embeddings
