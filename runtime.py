@@ -1,7 +1,5 @@
-"""Process set-up for the entry points and tools: one explicit call, made first.
-
-    import runtime
-    runtime.setup_process()   # before anything that imports Paddle
+"""Process set-up for the entry points and tools: one explicit call, made first --
+`runtime.setup_process()`, before anything that imports Paddle.
 
 Importing this module (or any other module of the project) only defines things; nothing here
 runs until setup_process() is called. It does four things, in this order, because each must
