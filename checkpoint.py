@@ -14,6 +14,7 @@ import warnings
 import paddle
 
 import config as cfgmod
+import paddlefile
 import torchfile
 import transformer
 from utils import UserError, is_main_process
@@ -131,7 +132,7 @@ def config_for(cfg_file, weights, update):
 
 
 def check_file(path, what):
-    """A UserError naming `what` unless path is a file paddle.load may read: missing, or a
+    """A UserError naming `what` unless path is a file paddlefile may read: missing, or a
     PyTorch checkpoint (with the command converting it)."""
     if not os.path.isfile(path):
         raise UserError(f'{what} not found: {path}')
@@ -142,12 +143,15 @@ def check_file(path, what):
 
 
 def load_file(path, what):
-    """paddle.load(path), after check_file; an unreadable file is a UserError naming it."""
+    """paddlefile.load(path) (paddle.load's result, and no code from the file runs), after
+    check_file; an unreadable or refused file is a UserError naming it."""
     check_file(path, what)
     try:
-        return paddle.load(path)
-    except Exception as e:
-        raise UserError(f'cannot read {what} {path}: {e}') from None
+        return paddlefile.load(path)
+    except paddlefile.FormatError as e:
+        raise UserError(f'cannot read {what} {e}') from None
+    except Exception as e:  # what the file holds cannot be made into tensors
+        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: {e}') from None
 
 
 def is_torch_checkpoint(path):

@@ -17,12 +17,14 @@ naming the file.
 import collections
 import io
 import os
-import pickle
 import struct
 import zipfile
 import zlib
 
 import numpy as np
+
+import safepickle
+from safepickle import FormatError  # noqa: F401 (this module's error, for its callers)
 
 # torch storage class -> dtype of its raw bytes ('bfloat16' is read as uint16 and widened)
 STORAGE_DTYPES = {
@@ -39,10 +41,6 @@ TORCH_DTYPES = {
     'int8': 'int8', 'uint8': 'uint8', 'bool': 'bool',
 }
 STORAGE_ALIGNMENT = 64  # torch.save aligns every record's data to 64 bytes (mmap loading)
-
-
-class FormatError(Exception):
-    """A file that is not a readable checkpoint, or an object save cannot write."""
 
 
 def is_torch_checkpoint(path):
@@ -137,16 +135,11 @@ _ALLOWED_GLOBALS.update({('torch', n): _StorageType(n) for n in STORAGE_DTYPES})
 _ALLOWED_GLOBALS.update({('torch', n): TorchDtype(n) for n in TORCH_DTYPES})
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(safepickle.Unpickler):
     """Rebuilds only tensors, OrderedDicts and Namespaces: a checkpoint cannot run code."""
 
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise FormatError(
-                f'refusing to load {module}.{name}: the pickle references a global that a weights '
-                f'file does not need (allowed: tensors, OrderedDict, argparse.Namespace)') from None
+    def __init__(self, file):
+        super().__init__(file, _ALLOWED_GLOBALS, 'tensors, OrderedDict, argparse.Namespace')
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):

@@ -30,6 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import config  # noqa: E402
+import paddlefile  # noqa: E402
 import transformer as T  # noqa: E402
 
 
@@ -164,7 +165,7 @@ def log_lines(out):
 
 def params(path):
     """The tensors of a .pdparams (its '_meta' entry -- config, class names -- left out)."""
-    return {k: np.asarray(v) for k, v in paddle.load(path).items() if k != '_meta'}
+    return {k: np.asarray(v) for k, v in paddlefile.load(path).items() if k != '_meta'}
 
 
 def max_diff(a, b):

@@ -23,6 +23,7 @@ with warnings.catch_warnings():
     import paddle
 
 from helpers import make_case, paddle_numpy_sd, tiny_mae, tiny_vit, to_torch_sd  # noqa: E402
+import paddlefile  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def run_cli(src, dst, env=None):
 
 
 def assert_converted(dst, expected, model):
-    loaded = paddle.load(str(dst))
+    loaded = paddlefile.load(str(dst))
     assert sorted(loaded) == sorted(expected)
     for k, v in loaded.items():
         v = v.numpy() if hasattr(v, 'numpy') else np.asarray(v)
@@ -253,7 +254,7 @@ def test_half_precision_sources_become_float32(tmp_path, dtype):
     torch.save({'model': sd}, src)
     kind, info = C.convert_file(str(src), str(dst), log=lambda *a: None)
     assert kind == 'pretrain-full' and info['num_tensors'] == len(sd)
-    loaded = paddle.load(str(dst))
+    loaded = paddlefile.load(str(dst))
     for k, t in sd.items():
         ref = t.float().numpy()
         ref = ref.T if (k.endswith('.weight') and ref.ndim == 2) else ref

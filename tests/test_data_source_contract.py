@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import ROOT
 import cli
 import datasets
+import paddlefile
 import sources
 
 ARRAYS = 'arrays.npz'
@@ -101,7 +102,7 @@ def test_a_source_of_the_tests_trains_and_evaluates_through_the_engine(
     log = [json.loads(x) for x in open(os.path.join(out, 'log.txt'))]
     assert [x['epoch'] for x in log] == [0, 1]
     assert all(np.isfinite(x['train_loss']) for x in log)
-    meta = paddle.load(os.path.join(out, 'latest.pdparams'))['_meta']
+    meta = paddlefile.load(os.path.join(out, 'latest.pdparams'))['_meta']
     assert meta['classes'] == ['dark', 'bright']  # the source's classes, saved by the engine
     capsys.readouterr()
     cli.run('finetune', ['-eval', '-pretrained', os.path.join(out, 'latest.pdparams'),

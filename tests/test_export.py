@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 
 import checkpoint  # noqa: E402
 import config as cfgmod  # noqa: E402
+import paddlefile  # noqa: E402
 import tasks  # noqa: E402
 import utils  # noqa: E402
 from helpers import (MAE_CASES, VIT_CASES, hf_mae, hf_to_official, make_case,  # noqa: E402
@@ -138,7 +139,7 @@ def test_round_trip_bit_for_bit(tmp_path, name):
     # the converter reads what the exporter writes, to the same Paddle tensors
     pd2 = tmp_path / 'again.pdparams'
     assert C.convert_file(str(back), str(pd2), **QUIET)[0] == kind
-    a, b = paddle.load(str(pd1)), paddle.load(str(pd2))
+    a, b = paddlefile.load(str(pd1)), paddlefile.load(str(pd2))
     assert sorted(a) == sorted(b)
     for k in a:
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k

@@ -8,7 +8,8 @@ from conftest import ROOT
 
 # lowest first; a module may import only modules listed before it
 LAYERS = [
-    'runtime', 'config', 'cpu_kernels', 'mixup', 'utils', 'torchfile',  # base
+    'runtime', 'config', 'cpu_kernels', 'mixup', 'utils',                # base
+    'safepickle', 'torchfile', 'paddlefile',                              # file formats
     'transformer', 'segmentation',                                        # models
     'randaugment', 'transforms', 'seg_transforms',                        # transforms
     'datasets', 'shards', 'seg_data', 'sources',                          # data

@@ -20,6 +20,7 @@ import pytest
 import torch  # noqa: E402  (test-only, requirements-test.txt)
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 
+import paddlefile  # noqa: E402
 import transformer  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from helpers import (MAE_CASES, VIT_CASES, hf_mae, hf_to_official, perturb_,  # noqa: E402
@@ -44,7 +45,7 @@ def convert(src, dst):
 
 
 def load_into(model, path):
-    state = paddle.load(str(path))
+    state = paddlefile.load(str(path))
     assert sorted(state) == sorted(model.state_dict()), 'converted keys differ from the model'
     model.set_state_dict(state)
     for k, v in model.state_dict().items():

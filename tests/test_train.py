@@ -18,6 +18,7 @@ from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff,
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
+import paddlefile  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -466,7 +467,7 @@ def test_checkpoints_carry_config_and_class_names(tmp_path):
     run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path', data, '-output', out,
         '-batch_size', '8', opts=opts)
     weights = os.path.join(out, 'latest.pdparams')
-    meta = paddle.load(weights)['_meta']
+    meta = paddlefile.load(weights)['_meta']
     assert meta['classes'] == sorted(make_demo_dataset.CLASSES)
     assert 'EMBED_DIM: 48' in meta['config']
 
