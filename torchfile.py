@@ -9,6 +9,9 @@ persistent records), <dir>/data/<key> (one storage's raw bytes each), <dir>/byte
     save(obj, path)            writes obj in torch.save's layout (torch.load reads it)
     is_torch_checkpoint(path)  -> whether path is such a zip
 
+safetensors (timm's hub, HF): load_safetensors(path) -> (tensors, metadata),
+save_safetensors(tensors, path, metadata), is_safetensors(path).
+
 Reading is safe: a restricted unpickler rebuilds tensors, OrderedDicts, argparse.Namespace
 (as CheckpointArgs) and torch dtypes only, and refuses any other global, so a checkpoint cannot
 run code. Problems with a file (or an object save cannot write) raise FormatError, one line
@@ -16,6 +19,7 @@ naming the file.
 """
 import collections
 import io
+import json
 import os
 import struct
 import zipfile
@@ -440,3 +444,97 @@ def save(obj, path):
         for i, a in enumerate(arrays):
             _add_record(zf, f'archive/data/{i}', a)
         _add_record(zf, 'archive/version', b'3\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors (how timm's hub and HF ship weights): an 8-byte little-endian header length, a JSON
+# header {name: {dtype, shape, data_offsets}, '__metadata__': {str: str}}, then the raw bytes.
+# Read and written by hand: the safetensors package's numpy API cannot hold bfloat16, and the
+# format is this small.
+# ----------------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {
+    'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'I64': 'int64',
+    'I32': 'int32', 'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool',
+}
+_SAFETENSORS_NAMES = {np.dtype(d): n for n, d in SAFETENSORS_DTYPES.items() if d != 'bfloat16'}
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def is_safetensors(path):
+    """Whether path starts like a safetensors file (a plausible header length, then '{')."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return (len(head) == 9 and head[8:9] == b'{'
+            and 0 < struct.unpack('<Q', head[:8])[0] <= _MAX_HEADER)
+
+
+def load_safetensors(path):
+    """-> ({name: numpy array} in the file's order, the '__metadata__' dict); bfloat16 widened
+    to float32. A file that is not one, truncated, or whose header does not describe its
+    bytes raises FormatError naming it."""
+    def error(msg):
+        return FormatError(f'{path}: {msg}')
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise error('not a safetensors file (no header), or truncated')
+            header = json.loads(f.read(n).decode('utf-8'))
+            data = f.read()
+    except OSError as e:
+        raise error(f'cannot read: {e}') from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise error('the safetensors header is not valid JSON: damaged file?') from None
+    if not isinstance(header, dict):
+        raise error('the safetensors header is not a JSON object')
+    meta = header.pop('__metadata__', None) or {}
+    out = {}
+    for name, rec in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[rec['dtype']]
+            shape = tuple(int(s) for s in rec['shape'])
+            begin, end = (int(v) for v in rec['data_offsets'])
+        except (KeyError, TypeError, ValueError):
+            raise error(f'tensor {name!r}: unsupported or malformed record {rec!r:.120}') from None
+        raw_dtype = np.dtype('<u2' if dtype == 'bfloat16' else dtype).newbyteorder('<')
+        count = int(np.prod(shape, dtype=np.int64))
+        if end > len(data):
+            raise error(f'truncated: tensor {name!r} ends at byte {end} of the data, which has '
+                        f'{len(data)} (download it again)')
+        if not 0 <= begin <= end or end - begin != count * raw_dtype.itemsize:
+            raise error(f'tensor {name!r}: its offsets do not fit shape {list(shape)} {dtype}')
+        arr = np.frombuffer(data, raw_dtype, count, begin).reshape(shape)
+        if dtype == 'bfloat16':
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr.astype(arr.dtype.newbyteorder('='))  # a copy, native byte order
+    return out, meta
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: numpy array} as a safetensors file (tensors in name order, header padded to
+    8 bytes as the library does); metadata: {str: str}. An unsupported dtype raises
+    FormatError."""
+    header, offset, arrays = {}, 0, []
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy()  # (ascontiguousarray makes 0-d arrays 1-d)
+        if a.dtype not in _SAFETENSORS_NAMES:
+            raise FormatError(f'no safetensors dtype for {name!r} ({a.dtype})')
+        a = a.astype(a.dtype.newbyteorder('<'), copy=False)
+        header[name] = {'dtype': _SAFETENSORS_NAMES[a.dtype.newbyteorder('=')],
+                        'shape': list(a.shape), 'data_offsets': [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header = {'__metadata__': {str(k): str(v) for k, v in metadata.items()}, **header}
+    text = json.dumps(header, separators=(',', ':')).encode('utf-8')
+    text += b' ' * (-len(text) % 8)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(text)) + text)
+        for a in arrays:
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))

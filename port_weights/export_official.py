@@ -21,8 +21,8 @@ written under a temporary name and renamed, so a failed run leaves nothing half-
                          torch.load(Y, weights_only=True) and by convert_official.py.
     --dst Y.safetensors  the state dict alone, metadata {'format': 'pt'} (timm reads it:
                          timm.create_model(..., pretrained=True,
-                         pretrained_cfg_overlay=dict(file=Y, num_classes=N))). Needs the
-                         `safetensors` package.
+                         pretrained_cfg_overlay=dict(file=Y, num_classes=N))); written by
+                         torchfile.py too.
     --hf DIR             pre-training checkpoints (with the decoder) only: a HuggingFace ViTMAE
                          folder, config.json + model.safetensors, for
                          ViTMAEForPreTraining.from_pretrained(DIR). Keys as the hub's
@@ -182,18 +182,12 @@ def write_pth(path, obj):
         raise UserError(str(e)) from None
 
 
-def _safetensors_numpy():
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise UserError('writing .safetensors (and --hf) needs the safetensors package: '
-                        'pip install safetensors') from None
-    return safetensors.numpy
-
-
 def write_safetensors(path, state):
-    _safetensors_numpy().save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-                                   path, metadata={'format': 'pt'})
+    """torchfile.save_safetensors (metadata {'format': 'pt'}, as timm and HF write it)."""
+    try:
+        torchfile.save_safetensors(state, path, metadata={'format': 'pt'})
+    except torchfile.FormatError as e:
+        raise UserError(str(e)) from None
 
 
 _HF_BLOCK = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
@@ -372,8 +366,6 @@ def export(args, log=print):
         heads, dheads, npl, mask_ratio, where = _hf_settings(args, arch, config, args.src)
         hf_cfg = hf_config(official, arch, heads, dheads, npl, mask_ratio)
         hf_weights = hf_state_dict(official)
-    if args.hf or args.dst.endswith(SAFETENSORS_SUFFIX):
-        _safetensors_numpy()  # fail before writing anything
 
     origin = ('a run of this project: its config in _meta' if meta
               else 'no _meta: converted or bare weights')

@@ -319,3 +319,37 @@ def test_usage_of_official_weights_is_the_shipped_config():
                 global_pool=False)
     assert C.usage('pretrain-encoder', arch, 'h.pdparams') == \
         '-cfg configs/vit_huge_patch14_224_finetune.yaml -pretrained h.pdparams'
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read and written by torchfile, against the safetensors package
+# ----------------------------------------------------------------------------------------------
+def test_safetensors_read_and_write_match_the_library(tmp_path):
+    import safetensors.torch as st
+    import torchfile
+    ref = {'w': torch.randn(3, 4), 'bf': torch.randn(5).to(torch.bfloat16),
+           'i': torch.arange(6).reshape(2, 3), 'm': torch.tensor([True, False]),
+           'h': torch.randn(2, 2).half(), 'empty': torch.zeros(0, 3), 's': torch.tensor(2.5)}
+    src = str(tmp_path / 'ref.safetensors')
+    st.save_file(ref, src, metadata={'format': 'pt'})
+    got, meta = torchfile.load_safetensors(src)
+    assert meta == {'format': 'pt'} and set(got) == set(ref)
+    for k, v in ref.items():
+        want = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+        assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
+        assert np.array_equal(got[k], want), k
+    dst = str(tmp_path / 'ours.safetensors')
+    torchfile.save_safetensors(got, dst, {'format': 'pt'})
+    back = st.load_file(dst)
+    assert all(np.array_equal(back[k].numpy(), got[k]) for k in got)
+    with open(src, 'rb') as f:
+        data = f.read()
+    for name, content, message in [('cut.safetensors', data[:-7], 'truncated'),
+                                   ('head.safetensors', data[:20], 'truncated'),
+                                   ('json.safetensors', data[:8] + b'{x' + data[10:], 'JSON')]:
+        path = str(tmp_path / name)
+        with open(path, 'wb') as f:
+            f.write(content)
+        with pytest.raises(torchfile.FormatError, match=message) as e:
+            torchfile.load_safetensors(path)
+        assert str(e.value).startswith(path) and '\n' not in str(e.value)
