@@ -50,6 +50,13 @@ _C.MODEL.MASK_RATIO = 0.75            # pre-training: fraction of patches remove
 _C.MODEL.NORM_PIX_LOSS = False        # pre-training: per-patch normalised pixel targets
 _C.MODEL.REL_POS_BIAS = False        # BEiT-style relative position bias per block, zero init
 _C.MODEL.RECOMPUTE = False            # activation checkpointing of every block (GPU memory, L/H)
+# encoder variants of the MAE family (DESIGN.md 3.5); the defaults are the official MAE / ViT
+_C.MODEL.LAYER_SCALE = 0.0            # LayerScale init value of each encoder block's branches
+                                      # (blocks.i.ls1/ls2.gamma, BEiT 0.1); 0 = off
+_C.MODEL.QKV_BIAS = 'qkv'             # encoder qkv biases: 'qkv' | 'qv' (BEiT's q_bias, v_bias,
+                                      # no key bias) | 'none'
+_C.MODEL.ABS_POS_EMBED = True         # vit_*: learned pos_embed; False: none (BEiT; mae_* need it)
+_C.MODEL.LAYER_NORM_EPS = 1e-6        # eps of every LayerNorm (official 1e-6; HF ViT(MAE): 1e-12)
 _C.MODEL.PRETRAINED = ''              # .pdparams to start from (fine-tune / probe / eval)
 _C.MODEL.RESUME = ''                  # checkpoint prefix to resume, or 'auto'
 _C.MODEL.ENCODER = CN()
@@ -118,6 +125,7 @@ _C.OUTPUT = ''           # run folder; '' = output/<config file name without .ya
 CHOICES = {
     'DATA.ON_BAD_IMAGE': ('error', 'skip'),
     'TRAIN.MODE': ('pretrain', 'finetune', 'linearprobe', 'segmentation'),
+    'MODEL.QKV_BIAS': ('qkv', 'qv', 'none'),
     'TRAIN.AMP': ('', 'float16', 'bfloat16'),
     'TRAIN.LR_SCHEDULE': ('cosine', 'poly'),
     'TRAIN.AMP_LEVEL': ('O1', 'O2'),
@@ -136,6 +144,8 @@ RANGES = {
     'MODEL.NUM_CLASSES': (lambda v: v >= 1, '>= 1'),
     'MODEL.DROP_PATH': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'MODEL.MASK_RATIO': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'MODEL.LAYER_SCALE': (lambda v: v >= 0, '>= 0 (0: off, else the init value)'),
+    'MODEL.LAYER_NORM_EPS': (lambda v: v > 0, '> 0'),
     'MODEL.SEGMENTATION.CHANNELS': (lambda v: v >= 1, '>= 1'),
     'MODEL.SEGMENTATION.AUX_CHANNELS': (lambda v: v >= 1, '>= 1'),
     'MODEL.SEGMENTATION.AUX_WEIGHT': (lambda v: v >= 0, '>= 0 (0: no auxiliary loss)'),

@@ -177,20 +177,26 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def attention_applies(attn_layer, x):
+def attention_applies(attn_layer, x, qkv_bias=None):
     """Whether transformer.Attention `attn_layer` trains through `attention` (CPU training, both
     projections with a trained bias, and no relative position bias: `attention` adds nothing to
-    the logits); elsewhere the layer computes attention itself."""
+    the logits); elsewhere the layer computes attention itself. qkv_bias: the qkv projection's
+    bias when the layer assembles it (BEiT's q / v biases); None: `qkv.bias`."""
     if getattr(attn_layer, 'relative_position_bias_table', None) is not None:
         return False
-    return _gemm_path(attn_layer.qkv, x) and _gemm_path(attn_layer.proj, x)
+    qkv = attn_layer.qkv
+    bias = qkv.bias if qkv_bias is None else qkv_bias
+    return (_cpu_training(qkv, x) and bias is not None and not bias.stop_gradient
+            and _gemm_path(attn_layer.proj, x))
 
 
-def attention(attn_layer, x):
+def attention(attn_layer, x, qkv_bias=None):
     """transformer.Attention's forward for CPU training, x (N, L, D) -> (N, L, D):
     softmax((q * Dh**-0.5) k^T) v with the head layout changes inside the PyLayers, so only the
-    two matmuls and the softmax are recorded."""
+    two matmuls and the softmax are recorded. qkv_bias: as attention_applies (its gradient flows
+    on to the tensors it was assembled from)."""
     qkv, proj = attn_layer.qkv, attn_layer.proj
-    q, k, v = _QKVHeads.apply(x, qkv.weight, qkv.bias, attn_layer.num_heads)
+    bias = qkv.bias if qkv_bias is None else qkv_bias
+    q, k, v = _QKVHeads.apply(x, qkv.weight, bias, attn_layer.num_heads)
     attn = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
     return _HeadsLinear.apply(paddle.matmul(attn, v), proj.weight, proj.bias)

@@ -17,7 +17,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import cpu_kernels
-from config import ConfigError
+from config import CHOICES, ConfigError
 from cpu_kernels import LayerNorm, Linear  # nn.LayerNorm / nn.Linear, faster CPU training
 
 LAYER_NORM_EPS = 1e-6
@@ -145,9 +145,24 @@ def relative_position_index(grid):
     return index
 
 
+QKV_BIAS = CHOICES['MODEL.QKV_BIAS']  # 'qkv' | 'qv' | 'none': the fused qkv projection's biases
+
+
+def qkv_bias_mode(qkv_bias):
+    """qkv_bias as one of QKV_BIAS; True / False (timm's bool) mean 'qkv' / 'none'."""
+    if isinstance(qkv_bias, bool):
+        return 'qkv' if qkv_bias else 'none'
+    if qkv_bias not in QKV_BIAS:
+        raise ValueError(f'qkv_bias {qkv_bias!r}: choose one of {list(QKV_BIAS)} (or a bool)')
+    return qkv_bias
+
+
 class Attention(nn.Layer):
     """Multi-head self-attention with one fused qkv projection (official/timm layout).
 
+    qkv_bias: 'qkv' (True) a bias on the fused projection (`qkv.bias`); 'none' (False) no bias;
+    'qv' BEiT's `q_bias` and `v_bias` (zero init) and no key bias: the projection's bias is
+    concat(q_bias, 0, v_bias) (effective_qkv_bias).
     window_size (h, w) (or an int for a square grid): BEiT's relative position bias, a learned
     `relative_position_bias_table` ((2h-1)(2w-1) + 3, heads), zero-initialised as BEiT's
     fine-tuning (so a model built with it starts as the one without), added to the attention
@@ -159,7 +174,12 @@ class Attention(nn.Layer):
             raise ValueError(f'embed dim {dim} is not divisible by {num_heads} heads')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        mode = qkv_bias_mode(qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if mode == 'qkv' else False)
+        self.q_bias = self.v_bias = None
+        if mode == 'qv':
+            self.q_bias = self.create_parameter([dim], default_initializer=zeros_)
+            self.v_bias = self.create_parameter([dim], default_initializer=zeros_)
         self.proj = Linear(dim, dim)
         self.relative_position_bias_table = None
         self.window_size = None
@@ -182,16 +202,30 @@ class Attention(nn.Layer):
                              axis=0)  # (n*n, heads)
         return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
 
+    def effective_qkv_bias(self):
+        """The bias of the fused qkv projection: qkv.bias ('qkv'), concat(q_bias, 0, v_bias)
+        ('qv'), or None ('none')."""
+        if self.q_bias is None:
+            return self.qkv.bias
+        return paddle.concat([self.q_bias, paddle.zeros_like(self.q_bias), self.v_bias])
+
+    def project_qkv(self, x):
+        """x (N, L, D) -> the fused q, k, v (N, L, 3D), with the effective bias."""
+        if self.q_bias is None:
+            return self.qkv(x)
+        return F.linear(x, self.qkv.weight, self.effective_qkv_bias())
+
     def forward(self, x):
-        if cpu_kernels.attention_applies(self, x):  # CPU training: the same, faster
-            return cpu_kernels.attention(self, x)
+        bias = self.effective_qkv_bias()
+        if cpu_kernels.attention_applies(self, x, bias):  # CPU training: the same, faster
+            return cpu_kernels.attention(self, x, bias)
         n, l, d = x.shape
         if self.relative_position_bias_table is not None:
             return self.proj(self._attention_with_bias(x))
         # scaled_dot_product_attention (flash attention on GPU) takes (N, L, H, Dh);
         # split, not unbind: the gradient of split is a fast concat
         shape = [n, l, self.num_heads, self.head_dim]
-        q, k, v = [t.reshape(shape) for t in paddle.split(self.qkv(x), 3, axis=-1)]
+        q, k, v = [t.reshape(shape) for t in paddle.split(self.project_qkv(x), 3, axis=-1)]
         x = F.scaled_dot_product_attention(q, k, v, training=self.training)
         return self.proj(x.reshape([n, l, d]))
 
@@ -205,7 +239,7 @@ class Attention(nn.Layer):
             raise ValueError(f'attention with a relative position table for a '
                              f'{self.window_size[0]}x{self.window_size[1]} grid takes {expected} '
                              f'tokens (cls + grid), got {l}')
-        qkv = self.qkv(x).reshape([n, l, 3, self.num_heads, self.head_dim])
+        qkv = self.project_qkv(x).reshape([n, l, 3, self.num_heads, self.head_dim])
         q, k, v = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)  # (N, H, L, Dh) each
         logits = paddle.matmul(q * (self.head_dim ** -0.5), k, transpose_y=True)
         # (cast: under AMP the logits may be half precision while the table stays float32)
@@ -241,22 +275,41 @@ class DropPath(nn.Layer):
         return x * (mask / keep)  # scale the [N, 1, 1] mask, not x (as timm)
 
 
-class Block(nn.Layer):
-    """Pre-norm transformer block: two residual lines."""
+class LayerScale(nn.Layer):
+    """x * gamma, a learned per-channel scale of a residual branch (CaiT; timm's LayerScale,
+    BEiT's gamma_1 / gamma_2), gamma filled with init_value."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
-                 window_size=None):
+    def __init__(self, dim, init_value):
         super().__init__()
-        self.norm1 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
-                              window_size=window_size)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma = self.create_parameter(
+            [dim], default_initializer=nn.initializer.Constant(float(init_value)))
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x * self.gamma
+
+
+class Block(nn.Layer):
+    """Pre-norm transformer block: two residual lines.
+
+    layer_scale > 0: each branch scaled by a LayerScale (`ls1.gamma`, `ls2.gamma`, filled with
+    layer_scale); 0: no scale and no parameter. qkv_bias: see Attention. norm_eps: LayerNorm eps.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 window_size=None, layer_scale=0.0, norm_eps=LAYER_NORM_EPS):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, epsilon=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                              window_size=window_size)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim, epsilon=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
@@ -306,7 +359,8 @@ def _fixed_param(layer, array):
 # ----------------------------------------------------------------------------------------------
 class EncoderProtocol:
     """What optimisers and dense heads ask of a ViT encoder, for a model holding `patch_embed`,
-    `cls_token`, `pos_embed` and `blocks` (mixed into MaskedAutoencoderViT and VisionTransformer).
+    `cls_token`, `pos_embed` (None: no absolute position embedding) and `blocks` (mixed into
+    MaskedAutoencoderViT and VisionTransformer).
 
     Parameter names are relative to the model (`blocks.3.attn.qkv.weight`); a model that wraps
     the encoder under a prefix strips it before asking.
@@ -330,9 +384,12 @@ class EncoderProtocol:
         """Weights for this encoder adapted to it (timm's checkpoint_filter_fn habit): a
         pos_embed of another patch grid (fine-tuning at another resolution) interpolated
         bicubically to this one. state: name -> array or tensor, this encoder's names under
-        `prefix`. Returns state, or a new dict when something changed."""
+        `prefix`. Returns state, or a new dict when something changed. (Nothing to do when the
+        model or the checkpoint has no pos_embed.)"""
         pos = prefix + 'pos_embed'
-        pe = state[pos]
+        pe = state.get(pos)
+        if pe is None or self.pos_embed is None:
+            return state
         own = self.pos_embed.shape
         if tuple(pe.shape) == tuple(own) or pe.shape[-1] != own[-1]:
             return state
@@ -380,11 +437,17 @@ def take_indices(indices, num_blocks):
 # MAE pre-training model
 # ----------------------------------------------------------------------------------------------
 class MaskedAutoencoderViT(EncoderProtocol, nn.Layer):
-    """Masked Autoencoder with a ViT encoder and a light ViT decoder (He et al., 2021)."""
+    """Masked Autoencoder with a ViT encoder and a light ViT decoder (He et al., 2021).
+
+    Encoder variants (defaults: the official model): layer_scale (LayerScale init value, 0 =
+    off) and qkv_bias ('qkv' | 'qv' | 'none'), see Block; the decoder stays the official one.
+    norm_eps: eps of every LayerNorm, encoder and decoder. The position embeddings are the
+    fixed sin-cos ones of the method (no abs_pos_embed choice here)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4., norm_pix_loss=False, recompute=False):
+                 mlp_ratio=4., norm_pix_loss=False, recompute=False, layer_scale=0.,
+                 qkv_bias='qkv', norm_eps=LAYER_NORM_EPS):
         super().__init__()
         self.in_chans = in_chans
         self.recompute = recompute
@@ -396,8 +459,10 @@ class MaskedAutoencoderViT(EncoderProtocol, nn.Layer):
         grid = self.patch_embed.grid_size
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=zeros_)
         self.pos_embed = _fixed_param(self, get_2d_sincos_pos_embed(embed_dim, grid, True)[None])
-        self.blocks = nn.LayerList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+        self.blocks = nn.LayerList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, layer_scale=layer_scale,
+                  norm_eps=norm_eps) for _ in range(depth)])
+        self.norm = LayerNorm(embed_dim, epsilon=norm_eps)
 
         # decoder
         self.decoder_embed = Linear(embed_dim, decoder_embed_dim)
@@ -406,8 +471,9 @@ class MaskedAutoencoderViT(EncoderProtocol, nn.Layer):
         self.decoder_pos_embed = _fixed_param(
             self, get_2d_sincos_pos_embed(decoder_embed_dim, grid, True)[None])
         self.decoder_blocks = nn.LayerList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
-        self.decoder_norm = LayerNorm(decoder_embed_dim, epsilon=LAYER_NORM_EPS)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_embed_dim, epsilon=norm_eps)
         self.decoder_pred = Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
 
         self.initialize_weights()
@@ -544,11 +610,15 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
     segmentation recipe (DESIGN.md 5).
     features_only: the encoder alone, a backbone for dense heads (segmentation.py), which read it
     through forward_intermediates: no fc_norm, norm or head (their weights would be unused).
+    Variants (defaults: the official model): layer_scale (LayerScale init value, 0 = off) and
+    qkv_bias ('qkv' | 'qv' | 'none'), see Block; abs_pos_embed=False: no `pos_embed` at all
+    (BEiT, which has the relative position bias instead); norm_eps: eps of every LayerNorm.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4., drop_path_rate=0., global_pool=True,
-                 recompute=False, rel_pos_bias=False, features_only=False):
+                 recompute=False, rel_pos_bias=False, features_only=False, layer_scale=0.,
+                 qkv_bias='qkv', abs_pos_embed=True, norm_eps=LAYER_NORM_EPS):
         super().__init__()
         self.global_pool = global_pool
         self.recompute = recompute
@@ -558,27 +628,32 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=zeros_)
-        self.pos_embed = self.create_parameter([1, num_patches + 1, embed_dim],
-                                               default_initializer=zeros_)
+        self.pos_embed = None
+        if abs_pos_embed:
+            self.pos_embed = self.create_parameter([1, num_patches + 1, embed_dim],
+                                                   default_initializer=zeros_)
         dpr = np.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
         grid = self.patch_embed.grid_size
         window = (grid, grid) if rel_pos_bias else None
         self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, drop_path=dpr[i], window_size=window)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  window_size=window, layer_scale=layer_scale, norm_eps=norm_eps)
             for i in range(depth)])
         if not features_only:
             if global_pool:
-                self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+                self.fc_norm = LayerNorm(embed_dim, epsilon=norm_eps)
             else:
-                self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+                self.norm = LayerNorm(embed_dim, epsilon=norm_eps)
             self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()
 
     def initialize_weights(self):
         """timm's ViT init, which the official models_vit.py inherits: trunc-normal(0.02) for
         pos_embed, cls_token and Linear weights, zero biases, LayerNorm (1, 0). In practice these
-        are overwritten by a pre-trained checkpoint; the head is then re-initialised (init_head)."""
-        trunc_normal_(self.pos_embed, 0.02)
+        are overwritten by a pre-trained checkpoint; the head is then re-initialised (init_head).
+        LayerScale gammas keep their init value, BEiT's q / v biases zero."""
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, 0.02)
         trunc_normal_(self.cls_token, 0.02)
         _init_patch_embed(self.patch_embed.proj)
         self.apply(lambda m: _init_linear_and_norm(m, lambda w: trunc_normal_(w, 0.02)))
@@ -609,17 +684,19 @@ class VisionTransformer(EncoderProtocol, nn.Layer):
         """Parameter names exempt from weight decay beyond the 1-D ones: timm's, which official
         fine-tuning (main_finetune.py) passes on as its skip list; plus the relative position
         tables when present (BEiT exempts them too)."""
-        names = {'pos_embed', 'cls_token'}
+        names = {'cls_token'} | ({'pos_embed'} if self.pos_embed is not None else set())
         for name, _ in self.named_parameters():
             if name.endswith('.attn.relative_position_bias_table'):
                 names.add(name)
         return names
 
     def embed_tokens(self, imgs):
-        """imgs (N, C, H, W) -> tokens (N, 1 + L, D): cls token first, position embedded."""
+        """imgs (N, C, H, W) -> tokens (N, 1 + L, D): cls token first, position embedded (when
+        the model has an absolute position embedding)."""
         x = self.patch_embed(imgs)
         cls = self.cls_token.expand([x.shape[0], -1, -1])
-        return paddle.concat([cls, x], axis=1) + self.pos_embed
+        x = paddle.concat([cls, x], axis=1)
+        return x if self.pos_embed is None else x + self.pos_embed
 
     def forward_intermediates(self, imgs, indices=None):
         """imgs (N, C, H, W) -> [(N, D, h, w)]: the outputs of the blocks `indices` (see
@@ -722,12 +799,17 @@ def _config_value(config, key):
 def model_shape(config):
     """The shape keywords of the model MODEL.NAME names, from the config, checked: an unknown
     name, a named size that the config's shape keys contradict (config.ConfigError naming both),
-    an image size that is no multiple of the patch, a width the heads do not divide."""
+    an image size that is no multiple of the patch, a width the heads do not divide, a mae_*
+    name without the absolute position embedding (MODEL.ABS_POS_EMBED False)."""
     m = config.MODEL
     if m.NAME not in FACTORIES:
         raise ConfigError(f'MODEL.NAME {m.NAME!r} is not a known model; '
                           f'choose one of {sorted(FACTORIES)}')
     is_mae = m.NAME.startswith('mae_')
+    if is_mae and not m.ABS_POS_EMBED:
+        raise ConfigError(f'MODEL.ABS_POS_EMBED False does not fit MODEL.NAME {m.NAME!r}: MAE '
+                          f'adds fixed sin-cos position embeddings (part of the method); '
+                          f'only vit_* models can go without')
     keys = dict(ENCODER_KEYS, **(DECODER_KEYS if is_mae else {}))
     shape = {arg: _config_value(config, key) for arg, key in keys.items()}
     if m.NAME in NAMED_SHAPES:  # the name fixes the shape: the config's keys must agree
@@ -757,8 +839,9 @@ def model_shape(config):
 def build_from_config(config, features_only=False):
     """The model MODEL.NAME names, built from the config: the one place that maps config keys to
     constructor keywords. DATA.IMAGE_SIZE, the shape (MODEL.ENCODER, and MODEL.DECODER for
-    mae_*), MODEL.RECOMPUTE, and MODEL.NORM_PIX_LOSS (mae_*) or MODEL.NUM_CLASSES / DROP_PATH /
-    GLOBAL_POOL / REL_POS_BIAS (vit_*). Looks neither at TRAIN.MODE nor adds the linear-probe head.
+    mae_*), MODEL.RECOMPUTE / LAYER_SCALE / QKV_BIAS / LAYER_NORM_EPS, and MODEL.NORM_PIX_LOSS
+    (mae_*) or MODEL.NUM_CLASSES / DROP_PATH / GLOBAL_POOL / REL_POS_BIAS / ABS_POS_EMBED (vit_*).
+    Looks neither at TRAIN.MODE nor adds the linear-probe head.
     features_only (vit_* only): the encoder without norm / head, a backbone for segmentation.py.
 
     A named size (vit_base_patch16 ...) fixes its shape: shape keys that contradict it raise
@@ -770,13 +853,14 @@ def build_from_config(config, features_only=False):
     if is_mae and features_only:
         raise ConfigError(f'MODEL.NAME {m.NAME!r} is a pre-training model; a backbone for dense '
                           f'heads needs a vit_* name (e.g. vit_base_patch16)')
-    kwargs = dict(shape, img_size=config.DATA.IMAGE_SIZE, recompute=m.RECOMPUTE)
+    kwargs = dict(shape, img_size=config.DATA.IMAGE_SIZE, recompute=m.RECOMPUTE,
+                  layer_scale=m.LAYER_SCALE, qkv_bias=m.QKV_BIAS, norm_eps=m.LAYER_NORM_EPS)
     if is_mae:
         kwargs.update(norm_pix_loss=m.NORM_PIX_LOSS)
     else:
         kwargs.update(num_classes=m.NUM_CLASSES, drop_path_rate=m.DROP_PATH,
                       global_pool=m.GLOBAL_POOL, rel_pos_bias=m.REL_POS_BIAS,
-                      features_only=features_only)
+                      abs_pos_embed=m.ABS_POS_EMBED, features_only=features_only)
     return FACTORIES[m.NAME](**kwargs)
 
 

@@ -395,3 +395,29 @@ def timm_vit_model(kw):
         depth=kw['depth'], num_heads=kw['num_heads'], num_classes=kw['num_classes'],
         mlp_ratio=4.0, qkv_bias=True, global_pool='avg' if kw['global_pool'] else 'token',
         norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+def from_torch_sd(sd, rename=()):
+    """A torch state_dict (official / timm layout) -> Paddle-layout numpy arrays: 2-D Linear
+    weights transposed ([out, in] -> [in, out]); names rewritten by the (pattern, replacement)
+    regex pairs of `rename`, in turn; buffers that name a derived index
+    (relative_position_index, BEiT's k_bias) left out."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(('relative_position_index', '.k_bias')):
+            continue
+        for pattern, repl in rename:
+            k = re.sub(pattern, repl, k)
+        v = v.detach().numpy()
+        out[k] = np.ascontiguousarray(v.T) if k.endswith('.weight') and v.ndim == 2 else v
+    return out
+
+
+def randomize_(module, seed, scale=0.1):
+    """Add normal noise (std `scale`) to every parameter of a torch module, so LayerScale
+    gammas, q / v biases and relative position tables differ from their init and each
+    parameter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))

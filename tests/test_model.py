@@ -8,6 +8,7 @@ import pytest
 
 import config as cfgmod
 import cpu_kernels
+import optim
 import tasks
 import transformer as T
 from conftest import ROOT
@@ -288,3 +289,227 @@ def test_forward_intermediates_ranges_recompute_and_early_stop():
     sum(t.mean() for t in again).backward()
     assert model.blocks[2].mlp.fc2.weight.grad is not None
     assert model.blocks[3].mlp.fc2.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model variants of the MAE family (MODEL.LAYER_SCALE / QKV_BIAS / ABS_POS_EMBED /
+# LAYER_NORM_EPS): defaults are today's models, the variants add exactly their parameters
+# ---------------------------------------------------------------------------------------------
+def official_keys(depth, prefix='blocks'):
+    """The official (timm) per-block parameter names of DESIGN.md 3.1."""
+    subs = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight',
+            'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias',
+            'mlp.fc2.weight', 'mlp.fc2.bias']
+    return {f'{prefix}.{i}.{s}' for i in range(depth) for s in subs}
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def layer_norm_eps(model):
+    return {name: layer._epsilon for name, layer in model.named_sublayers()
+            if isinstance(layer, paddle.nn.LayerNorm)}
+
+
+@pytest.mark.parametrize('stage', ['finetune', 'pretrain', 'segmentation'])
+def test_default_variant_keys_build_todays_models(stage):
+    """With the new keys at their defaults, build_from_config gives the official state dict:
+    the names of DESIGN.md 3.1 (no gamma, q_bias or v_bias), the shapes of the constructor with
+    the variants off, and LayerNorm eps 1e-6 everywhere."""
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', f'tiny_{stage}.yaml'))
+    e, d = c.MODEL.ENCODER, c.MODEL.DECODER
+    shape = dict(img_size=c.DATA.IMAGE_SIZE, patch_size=e.PATCH_SIZE, embed_dim=e.EMBED_DIM,
+                 depth=e.DEPTH, num_heads=e.NUM_HEADS, mlp_ratio=e.MLP_RATIO)
+    off = dict(layer_scale=0., qkv_bias='qkv', norm_eps=1e-6)
+    top = {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias'}
+    paddle.seed(0)
+    if stage == 'pretrain':
+        built = T.build_from_config(c)
+        ref = T.MaskedAutoencoderViT(**shape, decoder_embed_dim=d.EMBED_DIM,
+                                     decoder_depth=d.DEPTH, decoder_num_heads=d.NUM_HEADS, **off)
+        expected = top | official_keys(e.DEPTH) | official_keys(d.DEPTH, 'decoder_blocks') | {
+            'norm.weight', 'norm.bias', 'mask_token', 'decoder_pos_embed', 'decoder_embed.weight',
+            'decoder_embed.bias', 'decoder_norm.weight', 'decoder_norm.bias',
+            'decoder_pred.weight', 'decoder_pred.bias'}
+    else:
+        features_only = stage == 'segmentation'
+        built = T.build_from_config(c, features_only=features_only)
+        ref = T.VisionTransformer(**shape, num_classes=c.MODEL.NUM_CLASSES,
+                                  global_pool=c.MODEL.GLOBAL_POOL, features_only=features_only,
+                                  rel_pos_bias=c.MODEL.REL_POS_BIAS, abs_pos_embed=True, **off)
+        expected = top | official_keys(e.DEPTH) | (set() if features_only else {
+            'fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias'})
+        if c.MODEL.REL_POS_BIAS:  # (the segmentation recipe's, DESIGN.md 3.4)
+            expected |= {f'blocks.{i}.attn.relative_position_bias_table' for i in range(e.DEPTH)}
+    assert set(built.state_dict()) == expected
+    assert shapes(built) == shapes(ref)
+    assert set(layer_norm_eps(built).values()) == {T.LAYER_NORM_EPS} == {1e-6}
+    assert cfgmod.get_config().MODEL.LAYER_NORM_EPS == T.LAYER_NORM_EPS
+
+
+def test_variant_constructor_keywords_add_their_parameters():
+    """layer_scale -> blocks.i.ls1/ls2.gamma filled with it; 'qv' -> attn.q_bias / v_bias (zero)
+    and no qkv.bias; 'none' -> no qkv bias; abs_pos_embed False -> no pos_embed (forward,
+    no_weight_decay, checkpoint_filter cope); norm_eps reaches every LayerNorm (MAE decoder
+    too). The MAE decoder keeps the official blocks."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    paddle.seed(0)
+    vit = T.VisionTransformer(**kw, num_classes=5, layer_scale=0.25, qkv_bias='qv',
+                              abs_pos_embed=False, norm_eps=1e-12)
+    sd = vit.state_dict()
+    base = set(T.VisionTransformer(**kw, num_classes=5).state_dict())
+    added = {f'blocks.{i}.{s}' for i in range(2) for s in
+             ('ls1.gamma', 'ls2.gamma', 'attn.q_bias', 'attn.v_bias')}
+    assert set(sd) == (base | added) - {'pos_embed', 'blocks.0.attn.qkv.bias',
+                                        'blocks.1.attn.qkv.bias'}
+    for i in range(2):
+        for s in ('ls1.gamma', 'ls2.gamma'):
+            np.testing.assert_array_equal(sd[f'blocks.{i}.{s}'].numpy(), np.full(48, 0.25, 'f4'))
+        for s in ('q_bias', 'v_bias'):
+            assert sd[f'blocks.{i}.attn.{s}'].shape == [48]
+            assert not sd[f'blocks.{i}.attn.{s}'].numpy().any()
+    assert vit.pos_embed is None and vit.no_weight_decay() == {'cls_token'}
+    assert vit.layer_id('blocks.1.ls2.gamma') == 2 and vit.layer_id('blocks.0.attn.q_bias') == 1
+    assert set(layer_norm_eps(vit).values()) == {1e-12} and len(layer_norm_eps(vit)) == 5
+    state = {k: v.numpy() for k, v in sd.items()}
+    assert vit.checkpoint_filter(state) is state  # nothing to interpolate
+    # a checkpoint with a pos_embed (of another grid) is left alone too: the model has none
+    assert vit.checkpoint_filter(dict(state, pos_embed=np.zeros([1, 5, 48])))['pos_embed'].shape \
+        == (1, 5, 48)
+    imgs = paddle.randn([2, 3, 32, 32])
+    vit.eval()
+    assert vit(imgs).shape == [2, 5]
+    # the effective qkv bias: q_bias, zeros, v_bias
+    attn = vit.blocks[0].attn
+    attn.q_bias.set_value(paddle.full([48], 2.0))
+    attn.v_bias.set_value(paddle.full([48], 3.0))
+    np.testing.assert_array_equal(attn.effective_qkv_bias().numpy(),
+                                  np.repeat(np.array([2., 0., 3.], 'f4'), 48))
+    none = T.VisionTransformer(**kw, num_classes=5, qkv_bias='none')
+    assert none.blocks[0].attn.qkv.bias is None and none.blocks[0].attn.q_bias is None
+    assert 'blocks.0.attn.qkv.bias' not in none.state_dict()
+    assert T.VisionTransformer(**kw, qkv_bias=False).blocks[0].attn.qkv.bias is None  # timm's bool
+    with pytest.raises(ValueError, match="qkv_bias 'kv'"):
+        T.VisionTransformer(**kw, qkv_bias='kv')
+    mae = T.MaskedAutoencoderViT(**kw, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
+                                 layer_scale=0.1, qkv_bias='qv', norm_eps=1e-12)
+    msd = mae.state_dict()
+    assert 'blocks.1.ls2.gamma' in msd and 'blocks.1.attn.q_bias' in msd
+    assert not any(k.startswith('decoder_blocks.') and ('gamma' in k or 'q_bias' in k)
+                   for k in msd)
+    assert 'decoder_blocks.0.attn.qkv.bias' in msd
+    assert set(layer_norm_eps(mae).values()) == {1e-12} and 'decoder_norm' in layer_norm_eps(mae)
+
+
+def variant_step(kernels, imgs, noise):
+    """Loss, pred and gradients of one training step of a tiny MAE with BEiT's q / v biases and
+    LayerScale (random q / v biases so they matter), with or without the CPU kernels."""
+    paddle.seed(0)
+    model = T.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
+                                   layer_scale=0.5, qkv_bias='qv')
+    rng = np.random.RandomState(3)
+    for blk in model.blocks:
+        for p in (blk.attn.q_bias, blk.attn.v_bias):
+            p.set_value(rng.randn(48).astype('float32'))
+    applies = []
+    hook = model.blocks[0].attn.register_forward_pre_hook(
+        lambda layer, inp: applies.append(cpu_kernels.attention_applies(
+            layer, inp[0], layer.effective_qkv_bias())))
+    with cpu_kernels.enabled(kernels):
+        loss, pred, _ = model(imgs, 0.75, noise)
+        loss.backward()
+    hook.remove()
+    assert applies == [kernels]  # the path under test was taken
+    return float(loss), pred.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters()
+                                       if p.grad is not None}
+
+
+def test_qv_bias_on_the_cpu_kernels_equals_the_plain_path():
+    """BEiT's q / v biases through cpu_kernels.attention (the effective bias handed to
+    _QKVHeads) give the outputs and gradients (q_bias, v_bias, qkv weight ...) of Paddle's own
+    ops; q_bias / v_bias do receive gradients."""
+    imgs = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 32, 32), 'float32')
+    noise = paddle.to_tensor(np.random.RandomState(1).rand(2, 16), 'float32')
+    loss_ref, pred_ref, grads_ref = variant_step(False, imgs, noise)
+    loss, pred, grads = variant_step(True, imgs, noise)
+    assert abs(loss - loss_ref) < 1e-5 and np.abs(pred - pred_ref).max() < 1e-5
+    assert grads.keys() == grads_ref.keys()
+    for name in ('blocks.0.attn.q_bias', 'blocks.0.attn.v_bias', 'blocks.1.attn.q_bias',
+                 'blocks.0.attn.qkv.weight', 'blocks.0.ls1.gamma', 'blocks.1.ls2.gamma'):
+        assert np.abs(grads_ref[name]).max() > 1e-6, name  # a gradient reaches it
+    worst = {n: float(np.abs(grads[n] - grads_ref[n]).max()) for n in grads}
+    print('q/v bias, kernels vs plain: max grad diff', max(worst.values()))
+    assert max(worst.values()) < 1e-5, worst
+
+
+def test_layer_scale_qv_mae_trains_a_step():
+    """mae_vit_custom with MODEL.LAYER_SCALE 0.1 and QKV_BIAS qv from the config: one
+    forward / backward / AdamW step with a finite loss; the gammas and q / v biases get
+    gradients, no weight decay (1-D) and their block's layer-decay scale, and move."""
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
+    cfgmod.merge_opts(c, ['MODEL.LAYER_SCALE', '0.1', 'MODEL.QKV_BIAS', 'qv',
+                          'MODEL.ENCODER.EMBED_DIM', '48', 'MODEL.ENCODER.DEPTH', '2',
+                          'MODEL.ENCODER.NUM_HEADS', '3', 'TRAIN.LAYER_DECAY', '0.5'])
+    cfgmod.check_values(c)
+    paddle.seed(0)
+    model = T.build_from_config(c)
+    assert isinstance(model, T.MaskedAutoencoderViT)
+    rules = optim.param_rules(model, c)
+    for i in range(2):
+        for s in ('ls1.gamma', 'ls2.gamma', 'attn.q_bias', 'attn.v_bias'):
+            assert rules[f'blocks.{i}.{s}'] == (pytest.approx(0.5 ** (2 - i)), 0.0), s
+    opt = optim.build_optimizer(model, c, world_size=1)
+    opt.set_lr(1e-2)
+    params = dict(model.named_parameters())
+    before = {n: params[n].numpy().copy() for n in ('blocks.0.ls1.gamma', 'blocks.1.attn.q_bias')}
+    imgs = paddle.to_tensor(np.random.RandomState(0).randn(4, 3, 32, 32), 'float32')
+    loss, _, _ = model(imgs, c.MODEL.MASK_RATIO)
+    loss.backward()
+    assert np.isfinite(float(loss))
+    for i in range(2):
+        for s in ('ls1.gamma', 'ls2.gamma', 'attn.q_bias', 'attn.v_bias'):
+            g = params[f'blocks.{i}.{s}'].grad
+            assert g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).max() > 0
+    opt.step()
+    opt.clear_grad()
+    for n, old in before.items():
+        assert np.abs(params[n].numpy() - old).max() > 0, n
+
+
+def test_variant_config_keys_are_checked_and_reach_the_models():
+    """A wrong MODEL.QKV_BIAS, LAYER_SCALE < 0, LAYER_NORM_EPS <= 0, or ABS_POS_EMBED False
+    with a mae_* model is a ConfigError naming the key; the keys reach the classifier and the
+    segmentor's backbone (build_from_config(features_only=True))."""
+    c = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
+    with pytest.raises(cfgmod.ConfigError, match=r"MODEL.QKV_BIAS is 'kv'; choose one of"):
+        cfgmod.merge_opts(c.clone(), ['MODEL.QKV_BIAS', 'kv'])
+    for key, value, match in [('QKV_BIAS', 'kv', r"MODEL.QKV_BIAS is 'kv'"),
+                              ('LAYER_SCALE', -0.1, r'MODEL.LAYER_SCALE must be >= 0'),
+                              ('LAYER_NORM_EPS', 0.0, r'MODEL.LAYER_NORM_EPS must be > 0')]:
+        bad = c.clone()
+        bad.MODEL[key] = value
+        with pytest.raises(cfgmod.ConfigError, match=match):
+            cfgmod.check_values(bad)
+    p = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'))
+    cfgmod.merge_opts(p, ['MODEL.ABS_POS_EMBED', 'False'])
+    cfgmod.check_values(p)
+    for build in (T.model_shape, T.build_from_config):
+        with pytest.raises(cfgmod.ConfigError, match=r"MODEL.ABS_POS_EMBED False does not fit "
+                                                     r"MODEL.NAME 'mae_vit_custom'"):
+            build(p)
+    opts = ['MODEL.LAYER_SCALE', '0.2', 'MODEL.QKV_BIAS', 'qv', 'MODEL.ABS_POS_EMBED', 'False',
+            'MODEL.LAYER_NORM_EPS', '1e-12', 'MODEL.REL_POS_BIAS', 'True']
+    cfgmod.merge_opts(c, opts)
+    s = cfgmod.merge_opts(cfgmod.get_config(os.path.join(ROOT, 'configs',
+                                                         'tiny_segmentation.yaml')), opts)
+    for model in (T.build_from_config(c), T.build_model(s).backbone):
+        sd = model.state_dict()
+        assert 'pos_embed' not in sd and 'blocks.0.attn.qkv.bias' not in sd
+        assert 'blocks.0.attn.q_bias' in sd and 'blocks.0.attn.relative_position_bias_table' in sd
+        assert float(sd['blocks.3.ls2.gamma'].numpy()[0]) == pytest.approx(0.2)
+        assert set(layer_norm_eps(model).values()) == {1e-12}
+    seg = T.build_model(s)
+    seg.eval()
+    assert seg(paddle.randn([1, 3, 32, 32])).shape == [1, s.MODEL.NUM_CLASSES, 32, 32]

@@ -6,10 +6,13 @@ References (code no one here wrote, installed from PyPI, see requirements-test.t
 Each test builds the reference with random weights, rewrites its state_dict into the official
 MAE key layout, saves it as an official checkpoint ({'model': state_dict}), converts it with
 port_weights/convert_official.py (CLI), loads the result into the Paddle model and compares
-outputs (and gradients) on the same images and masking noise.
+outputs (and gradients) on the same images and masking noise. The model variants (LayerScale,
+q / v biases, no absolute position embedding) compare against timm's VisionTransformer and Beit
+with the weights copied across by name.
 """
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -17,14 +20,19 @@ import numpy as np
 import paddle
 import pytest
 
+import timm.models.beit as timm_beit  # noqa: E402
+import timm.models.vision_transformer as timm_vit  # noqa: E402
+import timm.optim._param_groups as timm_groups  # noqa: E402
 import torch  # noqa: E402  (test-only, requirements-test.txt)
 from timm.layers import resample_abs_pos_embed  # noqa: E402
 
+import config as cfgmod  # noqa: E402
+import optim  # noqa: E402
 import paddlefile  # noqa: E402
 import transformer  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from helpers import (MAE_CASES, VIT_CASES, hf_mae, hf_to_official, perturb_,  # noqa: E402
-                     timm_vit_model)
+from helpers import (MAE_CASES, VIT_CASES, from_torch_sd, hf_mae, hf_to_official,  # noqa: E402
+                     perturb_, randomize_, timm_vit_model)
 
 CONVERTER = os.path.join(ROOT, 'port_weights', 'convert_official.py')
 
@@ -45,7 +53,8 @@ def convert(src, dst):
 
 
 def load_into(model, path):
-    state = paddlefile.load(str(path))
+    # the tensors (the '_meta' entry, the config the file carries, left out)
+    state = {k: v for k, v in paddlefile.load(str(path)).items() if k != '_meta'}
     assert sorted(state) == sorted(model.state_dict()), 'converted keys differ from the model'
     model.set_state_dict(state)
     for k, v in model.state_dict().items():
@@ -234,3 +243,125 @@ def test_pos_embed_interpolation_matches_timm():
         assert ours.shape == theirs.shape == (1, 1 + new * new, 32)
         np.testing.assert_array_equal(ours[:, :1], pe[:, :1])
         assert np.abs(ours - theirs).max() < 1e-5, new
+
+
+# ---------------------------------------------------------------------------------------------
+# Model variants of the MAE family (LayerScale, q/v or no qkv bias, no absolute position
+# embedding): timm's VisionTransformer and Beit, weights copied across by name
+# ---------------------------------------------------------------------------------------------
+VARIANT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+BEIT_NAMES = [(r'\.gamma_1$', '.ls1.gamma'), (r'\.gamma_2$', '.ls2.gamma')]  # timm Beit -> ours
+
+
+def variant_images():
+    return np.random.RandomState(7).randn(2, 3, 32, 32).astype('float32')
+
+
+def load_reference(model, ref, rename=()):
+    """Our model with the reference's weights (names mapped, Linear weights transposed), eval;
+    the two must hold the same tensors, name for name."""
+    state = from_torch_sd(ref.state_dict(), rename)
+    own = model.state_dict()
+    assert sorted(state) == sorted(own), set(state) ^ set(own)
+    for k, v in state.items():
+        assert tuple(v.shape) == tuple(own[k].shape), k
+    model.set_state_dict(state)
+    model.eval()
+    return model
+
+
+def logits_diff(model, ref, imgs):
+    with torch.no_grad():
+        r = ref(torch.from_numpy(imgs)).numpy()
+    out = model(paddle.to_tensor(imgs)).numpy()
+    assert out.shape == r.shape
+    return float(np.abs(out - r).max())
+
+
+def assert_each_matters(model, ref, imgs, names):
+    """The comparison sees each of these parameters: zeroing it in our model breaks parity."""
+    params = dict(model.named_parameters())
+    for name in names:
+        kept = params[name].numpy().copy()
+        params[name].set_value(np.zeros_like(kept))
+        d = logits_diff(model, ref, imgs)
+        params[name].set_value(kept)
+        assert d > 1e-3, f'{name} does not change the logits ({d:.1e})'
+
+
+@pytest.mark.parametrize('pool', ['avg', 'token'])
+def test_layer_scale_without_qkv_bias_matches_timm_vit(pool):
+    """MODEL.LAYER_SCALE / QKV_BIAS 'none' = timm's VisionTransformer(init_values,
+    qkv_bias=False), with global pooling and with the cls token."""
+    torch.manual_seed(8)
+    ref = timm_vit.VisionTransformer(
+        **VARIANT, num_classes=5, mlp_ratio=4.0, qkv_bias=False, init_values=0.5,
+        global_pool=pool, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    randomize_(ref, seed=9)
+    model = load_reference(transformer.VisionTransformer(
+        **VARIANT, num_classes=5, global_pool=pool == 'avg', layer_scale=0.5, qkv_bias='none'),
+        ref)
+    assert 'blocks.0.attn.qkv.bias' not in model.state_dict()
+    imgs = variant_images()
+    d = logits_diff(model, ref, imgs)
+    print(f'layer scale, no qkv bias, {pool}: logits max abs diff {d:.2e}')
+    assert d < 1e-4
+    assert_each_matters(model, ref, imgs, ['blocks.0.ls1.gamma', 'blocks.1.ls2.gamma'])
+
+
+def beit_pair():
+    torch.manual_seed(10)
+    ref = timm_beit.Beit(**VARIANT, num_classes=5, global_pool='avg', qkv_bias=True,
+                         mlp_ratio=4.0, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                         init_values=0.1).eval()
+    randomize_(ref, seed=11)
+    model = transformer.VisionTransformer(
+        **VARIANT, num_classes=5, global_pool=True, abs_pos_embed=False, qkv_bias='qv',
+        rel_pos_bias=True, layer_scale=0.1)
+    return load_reference(model, ref, BEIT_NAMES), ref
+
+
+def test_beit_variant_matches_timm_beit():
+    """MODEL.ABS_POS_EMBED False + QKV_BIAS 'qv' + REL_POS_BIAS + LAYER_SCALE = timm's Beit
+    (no absolute position embedding, q / v biases, relative position tables, gamma_1 / 2,
+    mean pooling with fc_norm)."""
+    model, ref = beit_pair()
+    assert model.pos_embed is None and 'pos_embed' not in model.state_dict()
+    imgs = variant_images()
+    d = logits_diff(model, ref, imgs)
+    print(f'BEiT variant: logits max abs diff {d:.2e}')
+    assert d < 1e-4
+    assert_each_matters(model, ref, imgs, [
+        'blocks.0.attn.q_bias', 'blocks.1.attn.v_bias', 'blocks.0.ls1.gamma',
+        'blocks.1.ls2.gamma', 'blocks.0.attn.relative_position_bias_table'])
+
+
+def test_beit_variant_optimizer_groups_equal_timm():
+    """The optimizer's rules cover the new parameters as timm's layer-decay groups do for Beit:
+    no weight decay for gammas and q / v biases (1-D), the layer id of their block."""
+    model, ref = beit_pair()
+    c = cfgmod.get_config()
+    c.TRAIN.WEIGHT_DECAY, c.TRAIN.LAYER_DECAY = 0.05, 0.65
+    ours = optim.param_rules(model, c)
+    no_decay = {n for n, _ in ref.named_parameters()} & ref.no_weight_decay()
+    names = {id(p): n for n, p in ref.named_parameters()}
+    theirs = {}
+    for g in timm_groups.param_groups_layer_decay(ref, 0.05, no_decay, layer_decay=0.65):
+        for p in g['params']:
+            name = names[id(p)]
+            for pattern, repl in BEIT_NAMES:
+                name = re.sub(pattern, repl, name)
+            theirs[name] = (g['lr_scale'], g['weight_decay'])
+    assert set(ours) == set(theirs)
+    for name, (scale, decay) in theirs.items():
+        assert ours[name][0] == pytest.approx(scale, rel=1e-12), name
+        assert ours[name][1] == decay, name
+    assert ours['blocks.1.ls2.gamma'] == (pytest.approx(0.65 ** 1), 0.0)
+    assert ours['blocks.0.attn.q_bias'] == (pytest.approx(0.65 ** 2), 0.0)
+
+
+@pytest.mark.parametrize('grid', [(4, 4), (3, 5)])
+def test_relative_position_index_matches_timm_beit(grid):
+    ours = transformer.relative_position_index(grid)
+    theirs = timm_beit.gen_relative_position_index(grid).numpy()
+    np.testing.assert_array_equal(ours, theirs)
