@@ -4,7 +4,8 @@
   written under temporary names and renamed, the previous pair kept as previous.*;
 - resume_prefix / find_resume_checkpoint: what -resume (a prefix, a file, or 'auto') points at;
 - resume: a pair loaded back; load_pretrained: MODEL.PRETRAINED (ours or converted official
-  weights) into a model, with the report of what was missing or unused.
+  weights) into a model, with the report of what was missing or unused; load_model: any
+  checkpoint that carries its config -> (model, config).
 """
 import fnmatch
 import hashlib
@@ -19,6 +20,8 @@ import torchfile
 import transformer
 from utils import UserError, is_main_process
 
+PATCH_EMBED = 'patch_embed.proj.weight'  # what every ViT / MAE state dict holds
+ENCODER_PARTS = ('blocks.', 'pos_embed', 'cls_token', 'patch_embed.')  # names of the encoder
 # A checkpoint's .pdparams also holds, under this key, what the run was: {'config': the
 # resolved config as YAML, 'classes': the class names or None}. set_state_dict ignores it.
 META_KEY = '_meta'
@@ -102,6 +105,34 @@ def split_meta(state):
 def saved_meta(path):
     """The META_KEY entry of a .pdparams (None: not one of this project's checkpoints)."""
     return split_meta(load_file(path, 'weights'))[1]
+
+
+def load_model(path):
+    """-> (model, config) for any .pdparams of the project that carries its config (a training
+    checkpoint, or converted weights): the model its task trains (transformer.build_model: the
+    tasks hand their builders down when tasks.py is imported), every tensor of the file
+    loaded, in eval mode. Its forward is the task's (classifier: logits; MAE:
+    model(imgs, mask_ratio=, noise=) -> (loss, pred, mask); segmentor: decode logits)."""
+    state, meta = split_meta(load_file(path, 'weights'))
+    if meta is None:
+        raise UserError(f'{path} carries no config of this project: convert the original with '
+                        f'port_weights/convert_official.py (which stores one)')
+    config = cfgmod.from_text(meta['config'], f'the config saved in {path}')
+    if not transformer.MODEL_BUILDERS:
+        raise RuntimeError('checkpoint.load_model builds models through the builders tasks.py '
+                           'registers: import tasks first')
+    model = transformer.build_model(config)
+    own = model.state_dict()
+    differ = sorted(set(own) ^ set(state)) + [
+        k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if differ:
+        raise UserError(f'{path}: its tensors do not fit the model its own config builds '
+                        f'({describe_weights(state)}); e.g. {_summarise(differ)[:4]}')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.set_state_dict(state)
+    model.eval()
+    return model, config
 
 
 def config_for(cfg_file, weights, update):
@@ -320,14 +351,14 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     state = split_meta(load_file(path, 'pretrained weights'))[0]
     if isinstance(state, dict) and 'model' in state and isinstance(state['model'], dict):
         state = state['model']
-    pos = prefix + 'pos_embed'
-    added = isinstance(state, dict) and prefix and pos not in state and 'pos_embed' in state
+    mark = prefix + PATCH_EMBED  # every encoder has it (pos_embed not: BEiT has none)
+    added = isinstance(state, dict) and prefix and mark not in state and PATCH_EMBED in state
     if added:
         state = {prefix + k: v for k, v in state.items()}
         log(f'pretrained: {path} holds a bare encoder: loading it under {prefix}')
-    if not isinstance(state, dict) or pos not in state:
-        raise UserError(f'{path} holds no ViT/MAE weights (no pos_embed); official .pth files '
-                        f'must be converted first: port_weights/convert_official.py')
+    if not isinstance(state, dict) or mark not in state:
+        raise UserError(f'{path} holds no ViT/MAE weights (no {PATCH_EMBED}); official .pth '
+                        f'files must be converted first: port_weights/convert_official.py')
     own = model.state_dict()
     reinit = () if eval_only else tuple(reinit)
     encoder = model
@@ -344,6 +375,15 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
         else:
             unused.append(k)
     missing = [k for k in own if k not in usable]
+    # encoder weights the model has no place for: a variant of the family the config lacks
+    # (LayerScale gammas, q / v biases, position tables); dropping them changes the model
+    dropped = [k for k in unused if k.startswith(tuple(prefix + n for n in ENCODER_PARTS))]
+    if dropped:
+        raise UserError(f'{path} holds encoder weights the model of this config has no place '
+                        f'for: {_summarise(dropped)}; the checkpoint is a variant the config '
+                        f'does not build (MODEL.LAYER_SCALE, MODEL.QKV_BIAS, '
+                        f'MODEL.ABS_POS_EMBED, MODEL.REL_POS_BIAS: the config saved with '
+                        f'converted weights says which)')
     if added:  # the checkpoint's own names for what it has and the model does not use
         unused = [k[len(prefix):] for k in unused]
     wrong = [k for k in misfit if not _fresh(k, reinit)]
@@ -387,17 +427,19 @@ def _strip(state, prefix):
 def describe_weights(state):
     """A ViT state dict in words: 'ViT-B/16: embed 768, 12 blocks, 14x14 patches' (the label
     when the patch size, width and depth are a named size's)."""
-    pe, proj = state.get('pos_embed'), state.get('patch_embed.proj.weight')
-    if pe is None or proj is None:
-        return 'not a ViT (no pos_embed / patch_embed.proj.weight)'
-    embed, patch = int(pe.shape[-1]), int(proj.shape[-1])
+    pe, proj = state.get('pos_embed'), state.get(PATCH_EMBED)
+    if proj is None:
+        return f'not a ViT (no {PATCH_EMBED})'
+    embed, patch = int(proj.shape[0]), int(proj.shape[-1])
     depth = 1 + max([int(k.split('.')[1]) for k in state if k.startswith('blocks.')],
                     default=-1)
-    grid = int(round((pe.shape[1] - 1) ** 0.5))
     label = next((lbl for name, (lbl, shape) in transformer.NAMED_SHAPES.items()
                   if name.startswith('vit_') and (shape['patch_size'], shape['embed_dim'],
                                                   shape['depth']) == (patch, embed, depth)),
                  f'ViT/{patch}')
+    if pe is None:
+        return f'{label}: embed {embed}, {depth} blocks, no absolute position embedding'
+    grid = int(round((pe.shape[1] - 1) ** 0.5))
     return f'{label}: embed {embed}, {depth} blocks, {grid}x{grid} patches of {patch}'
 
 

@@ -90,6 +90,10 @@ def setup(stage, argv=None, can_eval=True):
     if eval_only:  # the checkpoint's own config, or a -cfg that agrees with it
         config = checkpoint.config_for(args.cfg, args.pretrained,
                                        lambda c: cfgmod.update_config(c, args))
+        if config.MODEL.NUM_CLASSES == 0:  # what a converted pre-trained encoder's config says
+            raise UserError(f'{args.pretrained} is an encoder without a classifier head (MAE '
+                            f'pre-trained weights): fine-tune it first, -cfg '
+                            f'configs/vit_*_finetune.yaml -pretrained {args.pretrained}')
     elif not args.cfg:
         raise UserError('-cfg FILE is needed, e.g. -cfg configs/tiny_' + stage + '.yaml')
     else:

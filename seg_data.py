@@ -36,6 +36,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+import classnames
 from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, explain,
                       list_file_of, list_lines)
 
@@ -43,27 +44,8 @@ SPLIT_FOLDERS = {True: 'training', False: 'validation'}  # ADE20K's split folder
 ANNOTATION_EXT = '.png'
 CLASS_NAMES_FILE = 'class_names.txt'
 
-# The 150 classes of ADE20K's SceneParsing benchmark, index = label after reduce-zero-label,
-# in mmsegmentation's ADE20KDataset order (its 'bed ' written without the trailing space).
-ADE20K_CLASSES = (
-    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane',
-    'grass', 'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant',
-    'curtain', 'chair', 'car', 'water', 'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror',
-    'rug', 'field', 'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub',
-    'railing', 'cushion', 'base', 'box', 'column', 'signboard', 'chest of drawers', 'counter',
-    'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs',
-    'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
-    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench',
-    'countertop', 'stove', 'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar',
-    'arcade machine', 'hovel', 'bus', 'towel', 'light', 'truck', 'tower', 'chandelier',
-    'awning', 'streetlight', 'booth', 'television receiver', 'airplane', 'dirt track',
-    'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet',
-    'poster', 'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer',
-    'plaything', 'swimming pool', 'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag',
-    'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank', 'trade name', 'microwave',
-    'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket', 'sculpture', 'hood',
-    'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate',
-    'monitor', 'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag')
+# The 150 classes of ADE20K's SceneParsing benchmark, index = label after reduce-zero-label
+ADE20K_CLASSES = classnames.ade20k()
 
 _INDEX_MODES = ('L', 'P')                    # 8-bit class indices
 _WIDE_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')  # wider integer indices

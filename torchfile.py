@@ -5,7 +5,8 @@ persistent records), <dir>/data/<key> (one storage's raw bytes each), <dir>/byte
 <dir>/version.
 
     load(path)                 -> the saved object, tensors as numpy arrays
-    load_state_dict(path)      -> (state dict {key: numpy array}, names of the other entries)
+    load_state_dict(path)      -> (state dict {key: numpy array}, names of the other
+                                  entries, the entries asked for)
     save(obj, path)            writes obj in torch.save's layout (torch.load reads it)
     is_torch_checkpoint(path)  -> whether path is such a zip
 
@@ -284,27 +285,36 @@ def load(path):
         return reader.materialize(reader.load())
 
 
-def load_state_dict(path):
-    """-> (state dict {key: numpy array}, sorted names of the other top-level entries).
+STATE_DICT_KEYS = ('model', 'state_dict')  # the official / timm and mmsegmentation wrappers
+
+
+def load_state_dict(path, keep=()):
+    """-> (state dict {key: numpy array}, sorted names of the other top-level entries,
+    {name: entry} for the names in `keep` that the file holds, tensors in them read too).
 
     The file holds {'model': state_dict, ...} (a training checkpoint, as the official MAE
-    files) or a bare state dict; only the state dict's tensors are read from the archive.
+    files), {'state_dict': ..., 'meta': ...} (mmsegmentation) or a bare state dict; only the
+    tensors of the state dict (and of `keep`) are read from the archive (an optimizer state
+    never is).
     """
     with _ZipReader(path) as reader:
         obj = reader.load()
-        if isinstance(obj, dict) and isinstance(obj.get('model'), dict):
-            sd, ignored = obj['model'], sorted(str(k) for k in obj if k != 'model')
+        wrapper = next((k for k in STATE_DICT_KEYS if isinstance(obj, dict)
+                        and isinstance(obj.get(k), dict)), None)
+        if wrapper is not None:
+            sd, ignored = obj[wrapper], sorted(str(k) for k in obj if k != wrapper)
         elif (isinstance(obj, dict) and obj
               and all(isinstance(v, _LazyTensor) for v in obj.values())):
             sd, ignored = obj, []
         else:
             keys = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise reader.error(f"holds neither {{'model': state_dict}} nor a state_dict "
-                               f'(found: {keys})')
+            raise reader.error(f"holds neither {{'model' or 'state_dict': state_dict}} nor a "
+                               f'state_dict (found: {keys})')
         for k, v in sd.items():
             if not isinstance(k, str) or not isinstance(v, _LazyTensor):
                 raise reader.error(f'entry {k!r} of the state_dict is not a tensor')
-        return {k: reader.array(v) for k, v in sd.items()}, ignored
+        kept = {k: reader.materialize(obj[k]) for k in keep if k in ignored}
+        return {k: reader.array(v) for k, v in sd.items()}, ignored, kept
 
 
 # ----------------------------------------------------------------------------------------------

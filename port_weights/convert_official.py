@@ -1,12 +1,12 @@
-"""Convert an official PyTorch MAE checkpoint (.pth) into a Paddle state dict (.pdparams).
+"""Convert an MAE-family checkpoint into a Paddle state dict (.pdparams) that carries its config.
 
     python port_weights/convert_official.py --src mae_pretrain_vit_base.pth \
         --dst mae_pretrain_vit_base.pdparams
 
-PyTorch is not needed: the .pth file (a zip written by torch.save, torch >= 1.6) is read by
-torchfile.py, whose restricted unpickler only rebuilds tensors, OrderedDicts and argparse.Namespace.
-
-Kinds, detected from the keys:
+Inputs (formats.py, read without PyTorch; pickles through a restricted unpickler): official
+MAE .pth files, timm VisionTransformer state dicts (.pth / .safetensors, LayerScale included),
+HuggingFace ViTMAE / ViT folders or weight files. families.py renames each to the official MAE
+names; then, kinds detected from the keys:
     pretrain-encoder  cls_token, pos_embed, patch_embed.*, blocks.*, norm.*  (mae_pretrain_vit_*)
     pretrain-full     the above + mask_token, decoder_*                      (mae_visualize_vit_*)
     finetuned         head.* + fc_norm.* (global pool) or norm.* (cls token) (mae_finetuned_vit_*)
@@ -16,7 +16,8 @@ The Paddle models in transformer.py use the official parameter names (DESIGN.md 
 the conversion is KEY_TABLE (BatchNorm buffer names) plus one rule: every 2-D `.weight` is a
 Linear weight and is transposed (torch [out, in] -> Paddle [in, out]). The result is checked
 against the Paddle model built from the shapes: every source key used, every target key set,
-every shape equal.
+every shape equal. The written file holds, under checkpoint.META_KEY, the config that builds
+the model (and class names when the source has them), as training checkpoints do.
 """
 import argparse
 import contextlib
@@ -38,8 +39,12 @@ if __name__ == '__main__':
 
 import paddle  # noqa: E402
 
+import checkpoint  # noqa: E402
+import classnames  # noqa: E402
+import config as cfgmod  # noqa: E402
 import torchfile  # noqa: E402
 import transformer  # noqa: E402
+from port_weights import families, formats  # noqa: E402
 
 # Official release files -> leading hex digits of their md5, as the official READMEs give them.
 OFFICIAL_MD5 = {
@@ -66,6 +71,15 @@ OFFICIAL_NUM_HEADS = {shape['embed_dim']: shape['num_heads']
 OFFICIAL_DECODER_NUM_HEADS = {
     transformer.MAE_DECODER['decoder_embed_dim']: transformer.MAE_DECODER['decoder_num_heads']}
 
+# MODEL.LAYER_SCALE of a converted model with LayerScale: the gammas come from the weights, so
+# the init value only has to be non-zero (timm's init_values of the MAE-JAX exports)
+LAYER_SCALE_INIT = 1e-4
+# constructor keyword -> (config key, value of the official model): the family's variants
+VARIANT_KEYS = {'layer_scale': ('MODEL.LAYER_SCALE', 0.0), 'qkv_bias': ('MODEL.QKV_BIAS', 'qkv'),
+                'abs_pos_embed': ('MODEL.ABS_POS_EMBED', True),
+                'rel_pos_bias': ('MODEL.REL_POS_BIAS', False),
+                'norm_eps': ('MODEL.LAYER_NORM_EPS', transformer.LAYER_NORM_EPS)}
+
 KIND_DESCRIPTIONS = {
     'pretrain-encoder': 'MAE pre-trained encoder (cls_token, pos_embed, patch_embed, blocks, norm)',
     'pretrain-full': 'MAE pre-training model with its decoder (mask_token, decoder_*)',
@@ -81,14 +95,6 @@ def load_torch_checkpoint(path):
     """torchfile.load: the object a torch.save file holds, tensors as numpy arrays."""
     try:
         return torchfile.load(path)
-    except torchfile.FormatError as e:
-        raise ConversionError(str(e)) from None
-
-
-def _read_state_dict(path):
-    """-> (state_dict of numpy arrays, names of the other top-level entries, which are ignored)."""
-    try:
-        return torchfile.load_state_dict(path)
     except torchfile.FormatError as e:
         raise ConversionError(str(e)) from None
 
@@ -152,8 +158,13 @@ def _depth(keys, prefix):
     return max(ids) + 1 if ids else 0
 
 
-def infer_architecture(sd, kind):
-    """Shapes -> constructor arguments of the matching transformer.py model (see detect_kind)."""
+def infer_architecture(sd, kind, facts=None):
+    """Shapes (and the source's facts: heads, LayerNorm eps) -> constructor arguments of the
+    matching transformer.py model (see detect_kind), the family's variants included:
+    LayerScale (ls1.gamma), the qkv bias kind (qkv.bias / BEiT's q_bias + v_bias / none), the
+    absolute position embedding (pos_embed, or none with relative position tables)."""
+    facts = facts or {}
+
     def shape(key, ndim):
         if key not in sd:
             raise ConversionError(f'key {key} is missing, needed to infer the architecture')
@@ -165,19 +176,39 @@ def infer_architecture(sd, kind):
     dim, in_chans, p, p2 = shape('patch_embed.proj.weight', 4)
     if p != p2:
         raise ConversionError(f'patch_embed.proj.weight has non-square patches {p}x{p2}')
-    tokens = shape('pos_embed', 3)[1] - 1  # + cls token
+    rel_table = 'blocks.0.attn.relative_position_bias_table'
+    if 'pos_embed' in sd:
+        tokens = shape('pos_embed', 3)[1] - 1  # + cls token
+    elif rel_table in sd:  # ((2g-1)^2 + 3, heads): the grid the tables were trained on
+        side = math.isqrt(max(shape(rel_table, 2)[0] - 3, 0))
+        tokens = ((side + 1) // 2) ** 2 if side % 2 else -1
+    else:
+        raise ConversionError('neither pos_embed nor relative position tables '
+                              f'({rel_table}): the patch grid is unknown')
     grid = math.isqrt(max(tokens, 0))
     if tokens <= 0 or grid * grid != tokens:
-        raise ConversionError(f'pos_embed has {tokens} patch positions: not a square grid')
+        raise ConversionError(f'{tokens} patch positions: not a square grid')
     hidden = shape('blocks.0.mlp.fc1.weight', 2)[0]
     arch = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim,
-                depth=_depth(sd, 'blocks.'), num_heads=_guess_heads(dim, OFFICIAL_NUM_HEADS),
+                depth=_depth(sd, 'blocks.'),
+                num_heads=facts.get('num_heads') or _guess_heads(dim, OFFICIAL_NUM_HEADS),
                 mlp_ratio=hidden / dim)
+    variants = {
+        'layer_scale': (LAYER_SCALE_INIT if 'blocks.0.ls1.gamma' in sd else 0.0),
+        'qkv_bias': ('qv' if 'blocks.0.attn.q_bias' in sd else
+                     'qkv' if 'blocks.0.attn.qkv.bias' in sd else 'none'),
+        'norm_eps': float(facts.get('norm_eps', transformer.LAYER_NORM_EPS)),
+    }
+    arch.update(variants)
     if kind == 'pretrain-full':
+        if 'pos_embed' not in sd:
+            raise ConversionError('an MAE with a decoder but no pos_embed')
         ddim = shape('decoder_embed.weight', 2)[0]
         arch.update(decoder_embed_dim=ddim, decoder_depth=_depth(sd, 'decoder_blocks.'),
-                    decoder_num_heads=_guess_heads(ddim, OFFICIAL_DECODER_NUM_HEADS))
+                    decoder_num_heads=(facts.get('decoder_num_heads')
+                                       or _guess_heads(ddim, OFFICIAL_DECODER_NUM_HEADS)))
         return 'MaskedAutoencoderViT', arch
+    arch.update(abs_pos_embed='pos_embed' in sd, rel_pos_bias=rel_table in sd)
     if kind == 'pretrain-encoder':
         arch.update(num_classes=0, global_pool=False)
         return 'VisionTransformer', arch
@@ -232,8 +263,9 @@ def _listing(keys, limit=12):
     return ', '.join(keys[:limit]) + more
 
 
-def convert_state_dict(sd):
-    """torch-layout state_dict {key: numpy array} -> (kind, Paddle state_dict, arch_info).
+def convert_state_dict(sd, facts=None):
+    """torch-layout state_dict {key: numpy array} under the official names -> (kind, Paddle
+    state_dict, arch_info); facts: what the source says beyond its tensors (families.py).
 
     Floats become float32, other dtypes are kept. arch_info holds the model class, its
     constructor arguments and counts. Raises ConversionError naming any key that is not used,
@@ -247,7 +279,7 @@ def convert_state_dict(sd):
         raise ConversionError(f'{"; ".join(found)}. The MAE ViT has a cls token only, so these '
                               f'weights cannot be converted for it')
     kind = detect_kind(sd)
-    model_name, arch = infer_architecture(sd, kind)
+    model_name, arch = infer_architecture(sd, kind, facts)
     expected = target_shapes(model_name, arch)  # before converting: keeps peak memory lower
     out, source_of, dropped, transposed = {}, {}, [], 0
     for key, value in sd.items():
@@ -293,7 +325,8 @@ def _describe_kind(kind, arch):
 
 
 def convert_file(src, dst, log=print):
-    """Convert the checkpoint `src` (.pth) to `dst` (.pdparams) -> (kind, info).
+    """Convert the checkpoint `src` (a file or an HF folder, see formats.py) to `dst`
+    (.pdparams carrying the config that builds its model) -> (kind, info).
 
     dst is written to dst + '.tmp' and renamed, so no partial file is ever left at dst.
     Raises ConversionError (message names the file and key) for any problem with the input.
@@ -301,44 +334,75 @@ def convert_file(src, dst, log=print):
     dst_dir = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(dst_dir):
         raise ConversionError(f'{dst}: the folder {dst_dir} does not exist')
-    if not os.path.isfile(src):
-        raise ConversionError(f'{src}: no such file')
+    if not os.path.exists(src):
+        raise ConversionError(f'{src}: no such file or folder')
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ConversionError(f'{dst}: the output would overwrite the input')
 
-    md5 = file_md5(src)
-    status, message = identify_official(src, md5)
-    if status == 'mismatch':
-        print(message, file=sys.stderr)
-    else:
-        log(message)
-
-    sd, ignored = _read_state_dict(src)
+    md5 = status = None
+    if os.path.isfile(src):
+        md5 = file_md5(src)
+        status, message = identify_official(src, md5)
+        if status == 'mismatch':
+            print(message, file=sys.stderr)
+        else:
+            log(message)
     try:
-        kind, out, info = convert_state_dict(sd)
+        source = formats.read(src)
+        family = families.recognise(source)
+        official, facts = family.to_official(source)
+    except torchfile.FormatError as e:
+        raise ConversionError(str(e)) from None
+    log(f'found: {family.label} ({source.container}, {len(source.tensors)} tensors)')
+    if source.ignored:
+        log(f'ignored checkpoint entries (not model weights): {", ".join(source.ignored)}')
+    try:
+        kind, out, info = convert_state_dict(official, facts)
     except ConversionError as e:
         raise ConversionError(f'{src}: {e}') from None
-    del sd
-    info.update(md5=md5, official=status, ignored=ignored, src=src, dst=dst)
+    del source, official
+    info['dropped'] = list(facts.get('unused', ())) + info['dropped']
+    arch = info['arch']
+    config, opts = converted_config(kind, arch, facts)
+    classes, said = class_identity(arch, facts.get('classes'))
+    info.update(md5=md5, official=status, src=src, dst=dst, config=config, classes=classes)
+    out[checkpoint.META_KEY] = checkpoint.run_meta(config, classes)
 
     write_atomically(dst, lambda tmp: paddle.save(out, tmp))
 
-    arch = info['arch']
     log(f'kind: {_describe_kind(kind, arch)}')
-    if ignored:
-        log(f'ignored checkpoint entries (not model weights): {", ".join(ignored)}')
     log(f'architecture: {info["model"]}(' + ', '.join(
         f'{k}={v}' for k, v in arch.items() if k != 'linear_probe') + ')')
-    heads = ('num_heads' if 'decoder_num_heads' not in arch
-             else 'num_heads, decoder_num_heads')
-    log(f'  ({heads}: not stored in a checkpoint; the official value for this width, or a '
-        f'divisor of it. Heads change no weight, so the file fits any head count.)')
+    if not facts.get('num_heads'):
+        heads = ('num_heads' if 'decoder_num_heads' not in arch
+                 else 'num_heads, decoder_num_heads')
+        log(f'  ({heads}: not stored in the checkpoint; the official value for this width, '
+            f'or head dim 64. If the model was trained with other heads, convert again and '
+            f'give them to -eval / fine-tuning with -opts MODEL.ENCODER.NUM_HEADS N)')
     log(f'tensors: {info["num_tensors"]} ({info["transposed"]} Linear weights transposed, '
         f'{info["renamed"]} BatchNorm buffers renamed, {len(info["dropped"])} dropped: '
         f'{", ".join(info["dropped"]) or "none"})')
-    log(f'saved: {dst}')
-    log(f'use it with: {usage(kind, arch, dst)}')
+    log(f'classes: {said}')
+    log(f'saved: {dst} (with the config that builds its model)')
+    log(f'use it with: {usage(opts, dst)}')
     return kind, info
+
+
+def class_identity(arch, names):
+    """-> (the class names a converted classifier carries, what the report says of them).
+    A 1000-class head is ImageNet-1k's, in the official order: its WordNet ids (classnames.py),
+    also when the source names the classes by their words in that order."""
+    if arch.get('num_classes', 0) != 1000:
+        if names:
+            return list(names), f'{len(names)} names from the source'
+        return None, 'none known (the source names no classes)'
+    table = classnames.imagenet1k()
+    if names is None:
+        return [w for w, _ in table], ('ImageNet-1k, the 1000 WordNet ids in the official order '
+                                       '(a 1000-class head without names)')
+    if list(names) == [n for _, n in table]:
+        return [w for w, _ in table], 'ImageNet-1k: the source\'s names, as WordNet ids'
+    return list(names), '1000 names from the source (not ImageNet-1k\'s in its order)'
 
 
 def write_atomically(path, write, error=ConversionError):
@@ -355,23 +419,25 @@ def write_atomically(path, write, error=ConversionError):
             os.remove(tmp)
 
 
-def usage(kind, arch, dst):
-    """The config (and -opts) that build the converted model: a named size's config where the
-    shape is one (transformer.SIZES; heads are not stored, so not compared), MODEL.NAME
-    *_custom with the shape keys otherwise."""
+def converted_config(kind, arch, facts):
+    """-> (the config that builds the converted model, [config file, KEY, value, ...] of the
+    usage line (a pre-trained encoder's: fine-tuning's, whose head starts fresh)): a named
+    size's config where the shape is one (transformer.SIZES; heads are not stored, so not
+    compared), MODEL.NAME *_custom with the shape keys otherwise, the variants (LayerScale,
+    qkv bias, position embeddings, LayerNorm eps) and the source's loss settings as -opts."""
     size = next((s for s, (_, shape) in transformer.SIZES.items()
                  if all(arch[k] == shape[k] for k in ('patch_size', 'embed_dim', 'depth'))),
                 None)
     named = (size is not None and arch['mlp_ratio'] == transformer.SIZES[size][1]['mlp_ratio']
-             and arch['in_chans'] == 3)
+             and arch['in_chans'] == 3 and arch['num_heads'] == transformer.SIZES[size][1]
+             ['num_heads'])
     stage = {'pretrain-full': 'pretrain', 'pretrain-encoder': 'finetune'}.get(kind, 'finetune')
     if kind == 'finetuned' and arch.get('linear_probe'):
         stage = 'linearprobe'
     mae = kind == 'pretrain-full'
-    if mae and any(arch[k] != transformer.MAE_DECODER[k]
-                   for k in ('decoder_embed_dim', 'decoder_depth')):
+    if mae and any(arch[k] != transformer.MAE_DECODER[k] for k in transformer.MAE_DECODER):
         named = False
-    cfg = f'configs/vit_{size or "base_patch16"}_224_{stage}.yaml'
+    cfg_file = os.path.join('configs', f'vit_{size or "base_patch16"}_224_{stage}.yaml')
     opts = []
     if not named:
         opts += ['MODEL.NAME', 'mae_vit_custom' if mae else 'vit_custom',
@@ -383,22 +449,47 @@ def usage(kind, arch, dst):
             opts += ['MODEL.DECODER.EMBED_DIM', arch['decoder_embed_dim'],
                      'MODEL.DECODER.DEPTH', arch['decoder_depth'],
                      'MODEL.DECODER.NUM_HEADS', arch['decoder_num_heads']]
+    for arg, (key, official) in VARIANT_KEYS.items():
+        if arg in arch and arch[arg] != official:
+            opts += [key, arch[arg]]
     if arch['img_size'] != 224:
         opts += ['DATA.IMAGE_SIZE', arch['img_size']]
+    config = cfgmod.get_config(os.path.join(REPO_ROOT, cfg_file))
+    if mae:
+        for fact, key in (('norm_pix_loss', 'MODEL.NORM_PIX_LOSS'),
+                          ('mask_ratio', 'MODEL.MASK_RATIO')):
+            if fact in facts and facts[fact] != config.MODEL[key.split('.')[1]]:
+                opts += [key, facts[fact]]
     if kind == 'finetuned':
-        if arch['num_classes'] != 1000:
+        if arch['num_classes'] != config.MODEL.NUM_CLASSES:
             opts += ['MODEL.NUM_CLASSES', arch['num_classes']]
-        if arch['global_pool'] != (stage == 'finetune'):  # the configs' GLOBAL_POOL
+        if arch['global_pool'] != config.MODEL.GLOBAL_POOL:
             opts += ['MODEL.GLOBAL_POOL', arch['global_pool']]
-    line = f'-cfg {cfg} -pretrained {dst}'
-    return line + (' -opts ' + ' '.join(str(o) for o in opts) if opts else '')
+    # the encoder alone (no head, the final norm kept) is what the file holds; the usage
+    # line is fine-tuning's, which starts a head
+    alone = ['MODEL.NUM_CLASSES', 0, 'MODEL.GLOBAL_POOL', False] if kind == 'pretrain-encoder' \
+        else []
+    try:
+        cfgmod.merge_opts(config, [str(o) for o in opts + alone])
+        transformer.model_shape(config)
+    except cfgmod.ConfigError as e:
+        raise ConversionError(f'the converted model has no valid config: {e}') from None
+    return config, [cfg_file] + opts
+
+
+def usage(opts, dst):
+    """The -cfg (and -opts) line that builds the converted model from the repository."""
+    line = f'-cfg {opts[0]} -pretrained {dst}'
+    return line + (' -opts ' + ' '.join(str(o) for o in opts[1:]) if opts[1:] else '')
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description='Convert an official PyTorch MAE checkpoint (.pth) to Paddle (.pdparams). '
-                    'PyTorch is not needed.')
-    parser.add_argument('--src', required=True, help='official .pth file (torch.save zip)')
+        description='Convert an MAE-family checkpoint (official .pth, timm, HuggingFace) to '
+                    'Paddle (.pdparams). PyTorch is not needed.')
+    parser.add_argument('--src', required=True,
+                        help='.pth / .pt / .bin (torch.save zip), .safetensors, or a '
+                             'HuggingFace folder (config.json + weights)')
     parser.add_argument('--dst', required=True, help='output .pdparams file')
     args = parser.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ with warnings.catch_warnings():
     import paddle
 
 from helpers import make_case, paddle_numpy_sd, tiny_mae, tiny_vit, to_torch_sd  # noqa: E402
+import checkpoint  # noqa: E402
 import paddlefile  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402
 
@@ -37,8 +38,9 @@ def run_cli(src, dst, env=None):
 
 
 def assert_converted(dst, expected, model):
-    loaded = paddlefile.load(str(dst))
+    loaded, meta = checkpoint.split_meta(paddlefile.load(str(dst)))
     assert sorted(loaded) == sorted(expected)
+    assert checkpoint.META_KEY not in loaded and 'TRAIN:' in meta['config']
     for k, v in loaded.items():
         v = v.numpy() if hasattr(v, 'numpy') else np.asarray(v)
         assert v.dtype == np.float32, k
@@ -146,7 +148,7 @@ def _write_bad(kind, src, tmp_path):
         return 'legacy'
     if kind == 'not-a-state-dict':
         torch.save({'weights': 'somewhere else'}, src)
-        return "holds neither {'model': state_dict} nor a state_dict"
+        return "holds neither {'model' or 'state_dict': state_dict} nor a state_dict"
     if kind == 'unknown-key':
         _valid_finetuned(src, lambda sd: sd.__setitem__('extra.weight', torch.ones(3, 3)))
         return 'extra.weight'
@@ -313,12 +315,16 @@ def test_printed_usage_builds_a_model_the_weights_fit(tmp_path, name):
 def test_usage_of_official_weights_is_the_shipped_config():
     arch = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                 mlp_ratio=4.0, num_classes=1000, global_pool=True, linear_probe=False)
-    assert C.usage('finetuned', arch, 'w.pdparams') == \
+    config, opts = C.converted_config('finetuned', arch, {})
+    assert C.usage(opts, 'w.pdparams') == \
         '-cfg configs/vit_base_patch16_224_finetune.yaml -pretrained w.pdparams'
+    assert config.MODEL.NAME == 'vit_base_patch16' and config.MODEL.NUM_CLASSES == 1000
     arch.update(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0,
                 global_pool=False)
-    assert C.usage('pretrain-encoder', arch, 'h.pdparams') == \
+    config, opts = C.converted_config('pretrain-encoder', arch, {})
+    assert C.usage(opts, 'h.pdparams') == \
         '-cfg configs/vit_huge_patch14_224_finetune.yaml -pretrained h.pdparams'
+    assert config.MODEL.NUM_CLASSES == 0 and not config.MODEL.GLOBAL_POOL  # the file: no head
 
 
 # ----------------------------------------------------------------------------------------------

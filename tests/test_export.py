@@ -332,13 +332,15 @@ def test_refusals(tmp_path, capsys):
 
 
 def test_hf_without_config_uses_flags_and_official_defaults(tmp_path, capsys):
-    """A converted official pre-training file carries no config: heads for the width (or the
-    flags), norm_pix_loss from --norm-pix-loss; a flag that contradicts _meta is refused."""
+    """Weights without a config (a bare state dict): heads for the width (or the flags),
+    norm_pix_loss from --norm-pix-loss; a flag that contradicts _meta is refused."""
     import json
     obj, _ = official_case('pretrain-full')  # tiny: embed 64 / 4 heads, decoder 32 / 4 heads
-    pth, pd = tmp_path / 'official.pth', tmp_path / 'full.pdparams'
+    pth, converted = tmp_path / 'official.pth', tmp_path / 'c.pdparams'
+    pd = tmp_path / 'full.pdparams'
     torch.save(obj, pth)
-    C.convert_file(str(pth), str(pd), **QUIET)
+    C.convert_file(str(pth), str(converted), **QUIET)
+    paddle.save(checkpoint.split_meta(paddlefile.load(str(converted)))[0], str(pd))
     export('--src', pd, '--hf', tmp_path / 'hf', '--num-heads', '4', '--decoder-num-heads', '4',
            '--norm-pix-loss')
     cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())

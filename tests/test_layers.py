@@ -8,7 +8,7 @@ from conftest import ROOT
 
 # lowest first; a module may import only modules listed before it
 LAYERS = [
-    'runtime', 'config', 'cpu_kernels', 'mixup', 'utils',                # base
+    'runtime', 'config', 'cpu_kernels', 'mixup', 'utils', 'classnames',  # base
     'safepickle', 'torchfile', 'paddlefile',                              # file formats
     'transformer', 'segmentation',                                        # models
     'randaugment', 'transforms', 'seg_transforms',                        # transforms

@@ -12,10 +12,10 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # every test runs Python in a subprocess
 
-MODULES = ['checkpoint', 'cli', 'config', 'cpu_kernels', 'datasets', 'engine', 'mixup', 'optim',
-           'paddlefile', 'randaugment', 'runtime', 'safepickle', 'seg_data', 'seg_inference',
-           'seg_transforms', 'segmentation', 'shards', 'sources', 'tasks', 'torchfile',
-           'transformer', 'transforms', 'utils']
+MODULES = ['checkpoint', 'classnames', 'cli', 'config', 'cpu_kernels', 'datasets', 'engine',
+           'mixup', 'optim', 'paddlefile', 'randaugment', 'runtime', 'safepickle', 'seg_data',
+           'seg_inference', 'seg_transforms', 'segmentation', 'shards', 'sources', 'tasks',
+           'torchfile', 'transformer', 'transforms', 'utils']
 TOOLS = ['benchmark', 'export_model', 'inspect_recipe', 'make_demo_dataset', 'make_shards',
          'memory_estimate', 'predict', 'visualize']
 ENV_KEYS = ['OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MALLOC_MMAP_THRESHOLD_',

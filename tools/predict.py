@@ -27,6 +27,7 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 import paddle.inference as paddle_infer  # noqa: E402
 
+import classnames  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
 import seg_data  # noqa: E402
@@ -148,7 +149,7 @@ def main():
     for path, top in zip(args.image, predictor.topk(args.image, args.topk)):
         line = {'image': path, 'topk': top}
         if predictor.classes:  # the names of the classes in topk, in its order
-            line['classes'] = [predictor.classes[c] for c, _ in top]
+            line['classes'] = classnames.display([predictor.classes[c] for c, _ in top])
         print(json.dumps(line), flush=True)
 
 
