@@ -340,9 +340,11 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     names matching `reinit` (prefixes, or fnmatch patterns when they hold a '*'), the parts the
     task initialises afresh by design (a classifier's head and, with global pooling, fc_norm;
     pre-training's decoder; a segmentor's neck, heads and relative position tables), and except
-    pos_embed, which is interpolated when only the patch grid differs (fine-tuning at another
-    resolution). eval_only (-eval, export): nothing may be missing or differ. Tensors of the
-    checkpoint the model does not use (the decoder, in fine-tuning) are listed, not an error.
+    pos_embed and relative position tables, which are resized when only the patch grid
+    differs (encoder.checkpoint_filter: fine-tuning or evaluating at another resolution).
+    eval_only (-eval, export): nothing may be missing or differ. Tensors of the checkpoint the
+    model does not use (the decoder, in fine-tuning) are listed, not an error -- but encoder
+    weights the model has no place for (a variant the config lacks) are.
     prefix: where the encoder lives in the model ('backbone.' in the segmentor); a checkpoint
     of a bare encoder (pre-training, fine-tuning, converted official) is loaded under it, one
     of the whole model as it is. A head initialised afresh gets trunc-normal head_init_std
@@ -364,8 +366,9 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     encoder = model
     for part in prefix.strip('.').split('.') if prefix else ():
         encoder = getattr(encoder, part)
-    if not eval_only:
-        state = encoder.checkpoint_filter(state, prefix, log)
+    # position embeddings / tables of another patch grid resized (also to evaluate at another
+    # resolution, as mmsegmentation loads BEiT's 640 checkpoints at 512)
+    state = encoder.checkpoint_filter(state, prefix, log)
     usable, unused, misfit = {}, [], []
     for k, v in state.items():
         if k in own and tuple(v.shape) == tuple(own[k].shape):

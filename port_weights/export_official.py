@@ -74,6 +74,7 @@ import config as cfgmod  # noqa: E402
 import torchfile  # noqa: E402
 import transformer  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402  (the key table and the rule)
+from port_weights import families  # noqa: E402  (the HuggingFace names)
 from utils import UserError, run_main  # noqa: E402
 
 PTH_SUFFIXES = ('.pth', '.pt')
@@ -190,16 +191,10 @@ def write_safetensors(path, state):
         raise UserError(str(e)) from None
 
 
-_HF_BLOCK = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
-             'attn.proj': 'attention.output.dense', 'mlp.fc1': 'intermediate.dense',
-             'mlp.fc2': 'output.dense'}
-_HF_TOP = {'cls_token': 'vit.embeddings.cls_token',
-           'pos_embed': 'vit.embeddings.position_embeddings',
-           'patch_embed.proj': 'vit.embeddings.patch_embeddings.projection',
-           'norm': 'vit.layernorm', 'mask_token': 'decoder.mask_token',
-           'decoder_pos_embed': 'decoder.decoder_pos_embed',
-           'decoder_embed': 'decoder.decoder_embed', 'decoder_norm': 'decoder.decoder_norm',
-           'decoder_pred': 'decoder.decoder_pred'}
+# official name -> HF ViTMAE name as the hub's files spell it (the table families.py reads back)
+_HF_BLOCK = {official: hf for official, hf, _ in families.HF_BLOCK}
+_HF_TOP = {official: hf for official, hf in families.HF_TOP if official != 'head'}
+_HF_QKV = [hf for hf, _ in families.HF_QKV]
 
 
 def hf_state_dict(official):
@@ -211,9 +206,8 @@ def hf_state_dict(official):
         if m:
             base = 'vit.encoder.layer' if m[1] == 'blocks' else 'decoder.decoder_layers'
             if m[3] == 'attn.qkv':
-                for name, part in zip(('query', 'key', 'value'), np.split(value, 3, axis=0)):
-                    out[f'{base}.{m[2]}.attention.attention.{name}.{m[4]}'] = \
-                        np.ascontiguousarray(part)
+                for name, part in zip(_HF_QKV, np.split(value, 3, axis=0)):
+                    out[f'{base}.{m[2]}.{name}.{m[4]}'] = np.ascontiguousarray(part)
                 continue
             if m[3] in _HF_BLOCK:
                 out[f'{base}.{m[2]}.{_HF_BLOCK[m[3]]}.{m[4]}'] = value
@@ -241,7 +235,8 @@ def hf_config(official, arch, heads, decoder_heads, norm_pix_loss, mask_ratio):
         'decoder_num_attention_heads': decoder_heads,
         'decoder_intermediate_size': int(official['decoder_blocks.0.mlp.fc1.weight'].shape[0]),
         'hidden_act': 'gelu', 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-        'initializer_range': 0.02, 'layer_norm_eps': 1e-6, 'qkv_bias': True,
+        'initializer_range': 0.02, 'layer_norm_eps': arch['norm_eps'],
+        'qkv_bias': arch['qkv_bias'] == 'qkv',
         'mask_ratio': mask_ratio, 'norm_pix_loss': norm_pix_loss,
         'torch_dtype': dtype if dtype in ('float32', 'float16', 'float64') else 'float32',
     }
@@ -361,9 +356,15 @@ def export(args, log=print):
     if args.hf and not has_decoder:
         raise UserError(f'--hf writes a ViTMAEForPreTraining (encoder + decoder); {args.src} is '
                         f'a {_describe(kind, arch)}, with no decoder')
+    if args.hf and (arch['layer_scale'] or arch['qkv_bias'] == 'qv'):
+        raise UserError(f'--hf: {args.src} has LayerScale or q / v biases (MODEL.LAYER_SCALE, '
+                        f'MODEL.QKV_BIAS), which HuggingFace ViTMAE does not have; --dst '
+                        f'Y.safetensors writes timm\'s layout, which does')
     if args.hf:
         _check_hf_dir(args.hf)
         heads, dheads, npl, mask_ratio, where = _hf_settings(args, arch, config, args.src)
+        if config is not None:
+            arch['norm_eps'] = config.MODEL.LAYER_NORM_EPS
         hf_cfg = hf_config(official, arch, heads, dheads, npl, mask_ratio)
         hf_weights = hf_state_dict(official)
 

@@ -189,3 +189,51 @@ def test_a_1000_class_head_carries_imagenet_wordnet_ids(tmp_path):
     convert(tmp_path / 'hf', tmp_path / 'b.pdparams')
     assert checkpoint.saved_meta(str(tmp_path / 'b.pdparams'))['classes'] == wnids
     assert classnames.display(wnids[:2]) == ['tench', 'goldfish']
+
+
+@pytest.mark.slow
+def test_layerscale_mae_pretrains_finetunes_exports_to_timm_and_back(tmp_path):
+    """A LayerScale MAE (QKV_BIAS none) through the entry points: pre-training, fine-tuning
+    from it, export of the classifier as .safetensors that timm loads with init_values (same
+    logits), and conversion of that file back (the same weights, the config carried)."""
+    from helpers import TINY_ARCH, run
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import make_demo_dataset
+    from port_weights import export_official as E
+    data = str(tmp_path / 'data')
+    make_demo_dataset.make(data, train_per_class=4, val_per_class=2, size=32, log=lambda m: None)
+    variant = ['MODEL.LAYER_SCALE', '0.1', 'MODEL.QKV_BIAS', 'none']
+    common = TINY_ARCH + variant + ['DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '1',
+                                    'TRAIN.WARMUP_EPOCHS', '0']
+    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', '-data_path', data,
+        '-output', str(tmp_path / 'pre'), opts=common)
+    pre = paddle_state(tmp_path / 'pre' / 'latest.pdparams')
+    assert pre['blocks.0.ls1.gamma'].shape == (48,) and 'blocks.0.attn.qkv.bias' not in pre
+    assert not np.allclose(pre['blocks.0.ls1.gamma'], 0.1)  # trained
+    run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path', data,
+        '-output', str(tmp_path / 'ft'), '-pretrained', str(tmp_path / 'pre' / 'latest.pdparams'),
+        opts=common)
+    ft_path = str(tmp_path / 'ft' / 'latest.pdparams')
+    E.export(E.parse_args(['--src', ft_path, '--dst', str(tmp_path / 'ft.safetensors')]),
+             log=lambda *a: None)
+    model, config = checkpoint.load_model(ft_path)
+    ref = timm_vit.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+        init_values=0.1, qkv_bias=False, global_pool='avg',
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    from safetensors.torch import load_file
+    ref.load_state_dict(load_file(str(tmp_path / 'ft.safetensors')), strict=True)
+    x = images()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    assert np.abs(model(paddle.to_tensor(x)).numpy() - want).max() < 1e-4
+    convert(tmp_path / 'ft.safetensors', tmp_path / 'back.pdparams')
+    back, cfg = checkpoint.load_model(str(tmp_path / 'back.pdparams'))
+    assert cfg.MODEL.LAYER_SCALE > 0 and cfg.MODEL.QKV_BIAS == 'none'
+    for k, v in model.state_dict().items():
+        assert np.array_equal(v.numpy(), back.state_dict()[k].numpy()), k
+
+
+def paddle_state(path):
+    return {k: np.asarray(v) for k, v in checkpoint.split_meta(
+        checkpoint.load_file(str(path), 'weights'))[0].items()}
