@@ -27,7 +27,8 @@ ENCODER_PARTS = ('blocks.', 'pos_embed', 'cls_token', 'patch_embed.')  # names o
 META_KEY = '_meta'
 # what a model is: a config that says otherwise cannot evaluate or export its weights
 MODEL_KEYS = ('TRAIN.MODE', 'MODEL.NAME', 'MODEL.ENCODER', 'MODEL.DECODER', 'MODEL.NUM_CLASSES',
-              'MODEL.GLOBAL_POOL', 'DATA.IMAGE_SIZE')
+              'MODEL.GLOBAL_POOL', 'DATA.IMAGE_SIZE', 'MODEL.LAYER_SCALE', 'MODEL.QKV_BIAS',
+              'MODEL.ABS_POS_EMBED', 'MODEL.REL_POS_BIAS', 'MODEL.LAYER_NORM_EPS')
 
 
 def _fingerprint(path):
@@ -153,10 +154,12 @@ def config_for(cfg_file, weights, update):
         return config
     saved = cfgmod.from_text(meta['config'], f'the config saved in {weights}')
     update(saved)
-    if cfg_file:
-        differ = _differences(saved, config, lambda k: _under(k, MODEL_KEYS))
+    if cfg_file:  # (a classifier has no decoder: its MODEL.DECODER keys say nothing)
+        keys = [k for k in MODEL_KEYS
+                if k != 'MODEL.DECODER' or saved.MODEL.NAME.startswith('mae_')]
+        differ = _differences(saved, config, lambda k: _under(k, keys))
         if differ:
-            raise UserError(f'{cfg_file} contradicts the config {weights} was trained with: '
+            raise UserError(f'{cfg_file} contradicts the config {weights} carries: '
                             f'{"; ".join(differ)} (leave -cfg out to use the checkpoint\'s own)')
         return config
     return saved

@@ -99,6 +99,129 @@ def interpolate_pos_embed(pos_embed, new_grid_size, num_extra_tokens=1):
 
 
 # ----------------------------------------------------------------------------------------------
+# Relative position tables of another patch grid (mmsegmentation's BEiT loading)
+# ----------------------------------------------------------------------------------------------
+# mmsegmentation resamples BEiT tables with scipy's interp2d(kind='cubic'), which SciPy 1.14
+# removed, and scipy is no run-time need here: the same spline is written out in numpy. On a
+# grid interp2d is FITPACK's interpolating bicubic tensor-product spline (= scipy's
+# RectBivariateSpline(y, x, z, kx=3, ky=3, s=0)): per axis the cubic B-spline with FITPACK's
+# knots for s=0 (both ends 4-fold, interior knots x[2:-2]: not-a-knot) through the samples, read
+# at the new points clamped to the samples' span (FITPACK's evaluation does so). Both axes are
+# linear maps, so each is one matrix: collocation by Cox-de Boor, solved, evaluated.
+def _bspline_basis(knots, points, k=3):
+    """(len(points), len(knots) - k - 1): every B-spline of degree k on `knots` at `points`
+    (Cox-de Boor, as FITPACK's fpbspl); points on or past the last knot read the last piece."""
+    points = np.asarray(points, np.float64)
+    num = len(knots) - k - 1
+    span = np.clip(np.searchsorted(knots, points, side='right') - 1, k, num - 1)
+    h = np.zeros((len(points), k + 1))
+    h[:, 0] = 1.0
+    for j in range(1, k + 1):  # h[:, i] = B_{span-j+i, j}(point)
+        prev = h[:, :j].copy()
+        h[:, 0] = 0.0
+        for i in range(j):
+            right, left = knots[span + i + 1], knots[span + i + 1 - j]
+            f = prev[:, i] / (right - left)
+            h[:, i] += f * (right - points)
+            h[:, i + 1] = f * (points - left)
+    out = np.zeros((len(points), num))
+    rows = np.arange(len(points))[:, None]
+    out[rows, span[:, None] - k + np.arange(k + 1)] = h
+    return out
+
+
+def _cubic_spline_matrix(x, x_new):
+    """M (len(x_new), len(x)): M @ v is FITPACK's interpolating cubic spline through (x, v)
+    (x increasing, >= 4 points), read at x_new (clamped to [x[0], x[-1]])."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1 or len(x) < 4 or np.any(np.diff(x) <= 0):
+        raise ValueError('a cubic interpolating spline needs >= 4 increasing sample points')
+    knots = np.concatenate([np.repeat(x[0], 4), x[2:-2], np.repeat(x[-1], 4)])
+    at = _bspline_basis(knots, np.clip(np.asarray(x_new, np.float64), x[0], x[-1]))
+    return np.linalg.solve(_bspline_basis(knots, x).T, at.T).T  # at @ inverse(collocation)
+
+
+def bicubic_spline_resample(x, y, z, x_new, y_new):
+    """z (..., len(y), len(x)), sampled at (y[i], x[j]) -> (..., len(y_new), len(x_new)), float64:
+    the interpolating bicubic spline read on the new grid, = scipy's RectBivariateSpline(y, x, z,
+    kx=3, ky=3, s=0)(y_new, x_new) and interp2d(x, y, z, kind='cubic')(x_new, y_new) (see
+    above)."""
+    my, mx = _cubic_spline_matrix(y, y_new), _cubic_spline_matrix(x, x_new)
+    return my @ np.asarray(z, np.float64) @ mx.T
+
+
+def _geometric_offsets(src_side, dst_side):
+    """mmseg's BEiT._geometric_sequence_interpolation coordinates: the source table's offsets
+    placed at +-(1, 1 + q, 1 + q + q^2, ...) with q bisected in [1.01, 1.5] so that the series
+    reaches about dst_side // 2 (offsets near 0 keep their spacing, far ones are spread), and
+    the integer target offsets -t..t. When shrinking (40 -> 32) q stops at ~1.01 and the outer
+    source offsets lie beyond the targets (they only shape the spline), as in mmseg. Same
+    arithmetic, stopping rule and order of operations."""
+    def geometric_progression(a, r, n):
+        return a * (1.0 - r ** n) / (1.0 - r)
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if geometric_progression(1, q, src_side // 2) > dst_side // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1
+    for i in range(src_side // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    src = np.array([-d for d in reversed(dis)] + [0] + dis, np.float64)
+    t = dst_side // 2.0
+    return src, np.arange(-t, t + 0.1, 1.0)
+
+
+def _square_side(grid, what):
+    """grid (an int or (h, w)) -> h, for a square grid; else ValueError."""
+    g = (grid, grid) if isinstance(grid, numbers.Integral) else tuple(int(v) for v in grid)
+    if len(g) != 2 or g[0] != g[1] or g[0] < 1:
+        raise ValueError(f'{what} {grid}: relative position tables are resized for square patch '
+                         f'grids only (mmsegmentation\'s BEiT.resize_rel_pos_embed, whose '
+                         f'resampling this reproduces, handles no other)')
+    return g[0]
+
+
+def table_grid(num_rows):
+    """The square patch grid g of a BEiT relative position table of num_rows rows,
+    (2g-1)^2 + 3; None when the row count fits no square grid."""
+    side = int(round(math.sqrt(max(num_rows - 3, 0))))
+    return (side + 1) // 2 if side % 2 == 1 and side * side == num_rows - 3 else None
+
+
+def resize_relative_position_table(table, src_grid, dst_grid):
+    """A BEiT relative position table ((2s-1)^2 + 3, heads) of an s x s patch grid -> the table of
+    a d x d grid, as mmsegmentation 1.2.2 adapts BEiT checkpoints at load time (BEiT's ADE20K
+    weights are trained at 640 px, 40x40 patches, and used at 512, 32x32):
+    BEiT.resize_rel_pos_embed + _geometric_sequence_interpolation. The last 3 rows (the cls
+    entries) are kept; each head's (2s-1)^2 offsets are resampled by an interpolating bicubic
+    spline from geometrically spaced source coordinates onto the integer offsets (2d-1)^2.
+    Computed from the float32 table and rounded to float32 as mmseg, returned in the table's
+    dtype. table: numpy array (or anything np.asarray takes); grids: int or square (h, w)."""
+    src, dst = _square_side(src_grid, 'source grid'), _square_side(dst_grid, 'target grid')
+    table = np.asarray(table)
+    src_side, dst_side = 2 * src - 1, 2 * dst - 1
+    if table.ndim != 2 or table.shape[0] != src_side ** 2 + 3:
+        raise ValueError(f'relative position table of shape {list(table.shape)}: a {src}x{src} '
+                         f'grid has {src_side ** 2 + 3} rows ((2*{src}-1)^2 offsets + 3 cls)')
+    if src == dst:
+        return table
+    if src < 3:
+        raise ValueError(f'a {src}x{src} grid has too few offsets for a cubic spline (3x3 or more)')
+    heads = table.shape[1]
+    offsets, extra = table[:-3], table[-3:]
+    coords, new = _geometric_offsets(src_side, dst_side)
+    z = offsets.astype(np.float32).T.reshape(heads, src_side, src_side)
+    out = bicubic_spline_resample(coords, coords, z, new, new).astype(np.float32)
+    out = out.reshape(heads, dst_side * dst_side).T.astype(table.dtype)
+    return np.concatenate([out, extra], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Blocks shared by the encoder and the decoder
 # ----------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Layer):
@@ -381,30 +504,54 @@ class EncoderProtocol:
         return self.get_num_layers() + 1
 
     def checkpoint_filter(self, state, prefix='', log=print):
-        """Weights for this encoder adapted to it (timm's checkpoint_filter_fn habit): a
-        pos_embed of another patch grid (fine-tuning at another resolution) interpolated
-        bicubically to this one. state: name -> array or tensor, this encoder's names under
-        `prefix`. Returns state, or a new dict when something changed. (Nothing to do when the
-        model or the checkpoint has no pos_embed.)"""
+        """Weights for this encoder adapted to its patch grid at load time (timm's
+        checkpoint_filter_fn habit; mmsegmentation's MAE / BEiT init_weights): a pos_embed of
+        another grid interpolated bicubically (interpolate_pos_embed; fine-tuning at another
+        resolution), every blocks.N.attn.relative_position_bias_table of another grid resampled
+        (resize_relative_position_table; BEiT's 640 px ADE20K weights used at 512), and
+        relative_position_index entries dropped (derived from the grid, never loaded).
+        state: name -> array or tensor, this encoder's names under `prefix`. Returns state, or a
+        new dict when something changed. What the model has no place for, or what differs in
+        more than the grid (width, heads, a table of no square grid), is left for the loader to
+        report."""
+        out = dict(state)
         pos = prefix + 'pos_embed'
         pe = state.get(pos)
-        if pe is None or self.pos_embed is None:
-            return state
-        own = self.pos_embed.shape
-        if tuple(pe.shape) == tuple(own) or pe.shape[-1] != own[-1]:
-            return state
-        new_grid = self.patch_embed.grid_size
-        log(f'pretrained: interpolating pos_embed from {int(round((pe.shape[1] - 1) ** 0.5))}^2 '
-            f'to {new_grid}^2 patches')
-        state = dict(state)
-        state[pos] = interpolate_pos_embed(np.asarray(pe.numpy() if hasattr(pe, 'numpy') else pe),
-                                           new_grid)
-        return state
+        if pe is not None and self.pos_embed is not None:
+            own = self.pos_embed.shape
+            if tuple(pe.shape) != tuple(own) and pe.shape[-1] == own[-1]:
+                new_grid = self.patch_embed.grid_size
+                log(f'pretrained: interpolating pos_embed from '
+                    f'{int(round((pe.shape[1] - 1) ** 0.5))}^2 to {new_grid}^2 patches')
+                out[pos] = interpolate_pos_embed(_as_array(pe), new_grid)
+        resized = {}  # (source grid, target grid) -> blocks
+        for i, block in enumerate(self.blocks):
+            key = f'{prefix}blocks.{i}.attn.relative_position_bias_table'
+            table, own = state.get(key), block.attn.relative_position_bias_table
+            if (table is None or own is None or len(table.shape) != 2
+                    or tuple(table.shape) == tuple(own.shape) or table.shape[1] != own.shape[1]
+                    or table_grid(table.shape[0]) is None):
+                continue
+            src, dst = table_grid(table.shape[0]), block.attn.window_size
+            out[key] = resize_relative_position_table(_as_array(table), src, dst)
+            resized.setdefault((src, dst), []).append(i)
+        for (src, dst), blocks in resized.items():
+            log(f'pretrained: resizing relative_position_bias_table of {len(blocks)} blocks from '
+                f'{src}^2 to {dst[0]}^2 patches (mmsegmentation\'s geometric-sequence spline)')
+        for key in state:
+            if key.startswith(prefix) and key.rsplit('.', 1)[-1] == 'relative_position_index':
+                del out[key]
+        return state if len(out) == len(state) and all(out[k] is state[k] for k in out) else out
 
     def init_missing_head(self, missing, std):
         """After a partial load (names `missing` were not in the checkpoint): initialise afresh
         what the model needs so (a classifier's head). Returns whether it did."""
         return False
+
+
+def _as_array(value):
+    """A checkpoint entry (numpy array or tensor) as a numpy array."""
+    return np.asarray(value.numpy() if hasattr(value, 'numpy') else value)
 
 
 def take_indices(indices, num_blocks):

@@ -483,7 +483,7 @@ def test_checkpoints_carry_config_and_class_names(tmp_path):
     r = main('-cfg', str(other), '-data_path', data, '-pretrained', weights, '-eval', '-opts',
              *TINY_ARCH[:6])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        f"error: {other} contradicts the config {weights} was trained with: DATA.IMAGE_SIZE 32 "
+        f"error: {other} contradicts the config {weights} carries: DATA.IMAGE_SIZE 32 "
         f"-> 48 (leave -cfg out to use the checkpoint's own)")
     exported = str(tmp_path / 'exported')
     subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export_model.py'),
