@@ -190,17 +190,18 @@ def check_values(config):
     the key, the value and what would be valid. Reading a file or -opts checks types and
     CHOICES as well, naming the file; this covers values set in code too."""
     for key, (ok, valid) in RANGES.items():
-        value = _get_key(config, key)
+        value = get_key(config, key)
         if not ok(value):
             raise ConfigError(f'config key {key} must be {valid}, got {value!r}')
     for key, choices in CHOICES.items():
-        value = _get_key(config, key)
+        value = get_key(config, key)
         if value not in choices:
             raise ConfigError(f'config key {key} is {value!r}; choose one of {list(choices)}')
     return config
 
 
-def _get_key(config, key):
+def get_key(config, key):
+    """The value of a dotted key such as MODEL.ENCODER.DEPTH."""
     node = config
     for part in key.split('.'):
         node = node[part]

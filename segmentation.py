@@ -177,6 +177,8 @@ class Segmentor(nn.Layer):
         the finest level (stride p/4: (H/4, W/4) for patch 16), the auxiliary head at the third
         level (stride p) -- since mmseg's losses resize each head's logits straight to the label
         map (a second bilinear resize through another size would change the values);
+        aux_logits is None without an auxiliary head (aux_channels 0, as an mmseg segmentor
+        without auxiliary_head);
       eval: the decode head's logits resized (bilinear) to (H, W); the auxiliary head is not run.
     """
 
@@ -195,7 +197,8 @@ class Segmentor(nn.Layer):
         self.backbone = backbone
         self.neck = Feature2Pyramid(dim)
         self.decode_head = UPerHead([dim] * 4, channels, pool_scales, num_classes, dropout)
-        self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, dropout, in_index=2)
+        self.auxiliary_head = (FCNHead(dim, aux_channels, num_classes, dropout, in_index=2)
+                               if aux_channels else None)
 
     def extract_features(self, imgs):
         """imgs -> the 4 pyramid levels (neck outputs), finest first."""
@@ -205,14 +208,16 @@ class Segmentor(nn.Layer):
         levels = self.extract_features(imgs)
         logits = self.decode_head(levels)
         if self.training:
-            return logits, self.auxiliary_head(levels)
+            aux = self.auxiliary_head(levels) if self.auxiliary_head is not None else None
+            return logits, aux
         return resize(logits, imgs.shape[2:])
 
 
 def build_segmentor(config):
     """The segmentor the config describes: a vit_* backbone (transformer.build_from_config, with
-    features_only and MODEL.REL_POS_BIAS) and the heads of MODEL.SEGMENTATION, MODEL.NUM_CLASSES.
-    Mistakes raise config.ConfigError naming the key."""
+    features_only and MODEL.REL_POS_BIAS) and the heads of MODEL.SEGMENTATION, MODEL.NUM_CLASSES;
+    AUX_WEIGHT 0 (no auxiliary loss) builds no auxiliary head. Mistakes raise
+    config.ConfigError naming the key."""
     m, s = config.MODEL, config.MODEL.SEGMENTATION
     if not m.NAME.startswith('vit_'):
         raise ConfigError(f'MODEL.NAME {m.NAME!r}: segmentation needs a ViT encoder name vit_* '
@@ -234,4 +239,5 @@ def build_segmentor(config):
     backbone = transformer.build_from_config(config, features_only=True)
     return Segmentor(backbone, num_classes=m.NUM_CLASSES, out_indices=indices,
                      channels=s.CHANNELS, pool_scales=list(s.POOL_SCALES),
-                     aux_channels=s.AUX_CHANNELS, dropout=s.DROPOUT)
+                     aux_channels=s.AUX_CHANNELS if s.AUX_WEIGHT > 0 else 0,
+                     dropout=s.DROPOUT)

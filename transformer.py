@@ -17,7 +17,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import cpu_kernels
-from config import CHOICES, ConfigError
+from config import CHOICES, ConfigError, get_key
 from cpu_kernels import LayerNorm, Linear  # nn.LayerNorm / nn.Linear, faster CPU training
 
 LAYER_NORM_EPS = 1e-6
@@ -936,13 +936,6 @@ FACTORIES = {f.__name__: f for f in (
     vit_base_patch16, vit_large_patch16, vit_huge_patch14, vit_custom)}
 
 
-def _config_value(config, key):
-    node = config
-    for part in key.split('.'):
-        node = node[part]
-    return node
-
-
 def model_shape(config):
     """The shape keywords of the model MODEL.NAME names, from the config, checked: an unknown
     name, a named size that the config's shape keys contradict (config.ConfigError naming both),
@@ -958,7 +951,7 @@ def model_shape(config):
                           f'adds fixed sin-cos position embeddings (part of the method); '
                           f'only vit_* models can go without')
     keys = dict(ENCODER_KEYS, **(DECODER_KEYS if is_mae else {}))
-    shape = {arg: _config_value(config, key) for arg, key in keys.items()}
+    shape = {arg: get_key(config, key) for arg, key in keys.items()}
     if m.NAME in NAMED_SHAPES:  # the name fixes the shape: the config's keys must agree
         label, named = NAMED_SHAPES[m.NAME]
         wrong = [arg for arg in keys if shape[arg] != named[arg]]

@@ -5,19 +5,24 @@
 
 Inputs (formats.py, read without PyTorch; pickles through a restricted unpickler): official
 MAE .pth files, timm VisionTransformer state dicts (.pth / .safetensors, LayerScale included),
-HuggingFace ViTMAE / ViT folders or weight files. families.py renames each to the official MAE
-names; then, kinds detected from the keys:
+HuggingFace ViTMAE / ViT folders or weight files, and UperNet segmentors (mmsegmentation's
+MAE / BEiT, unilm's BEiT, HF BeitForSemanticSegmentation folders). families.py renames each to
+the official MAE names (segmentors: the project's segmentor names, DESIGN.md 3.4); then, kinds
+detected from the keys:
     pretrain-encoder  cls_token, pos_embed, patch_embed.*, blocks.*, norm.*  (mae_pretrain_vit_*)
     pretrain-full     the above + mask_token, decoder_*                      (mae_visualize_vit_*)
     finetuned         head.* + fc_norm.* (global pool) or norm.* (cls token) (mae_finetuned_vit_*)
                       (linear probe: head.0 = BatchNorm buffers, head.1 = Linear)
+    segmentor         backbone.*, neck.*, decode_head.*, auxiliary_head.*   (ADE20K UperNets)
 
 The Paddle models in transformer.py use the official parameter names (DESIGN.md section 3.1), so
-the conversion is KEY_TABLE (BatchNorm buffer names) plus one rule: every 2-D `.weight` is a
-Linear weight and is transposed (torch [out, in] -> Paddle [in, out]). The result is checked
-against the Paddle model built from the shapes: every source key used, every target key set,
-every shape equal. The written file holds, under checkpoint.META_KEY, the config that builds
-the model (and class names when the source has them), as training checkpoints do.
+the conversion is KEY_TABLE (BatchNorm buffer names, derived buffers dropped) plus one rule:
+every 2-D `.weight` is a Linear weight and is transposed (torch [out, in] -> Paddle [in, out];
+conv kernels are 4-D and kept). The result is checked against the Paddle model built from the
+shapes (a segmentor: by its task's builder, from the converted config): every source key used,
+every target key set, every shape equal. The written file holds, under checkpoint.META_KEY, the
+config that builds the model (and class names when the source has them), as training
+checkpoints do.
 """
 import argparse
 import contextlib
@@ -42,6 +47,7 @@ import paddle  # noqa: E402
 import checkpoint  # noqa: E402
 import classnames  # noqa: E402
 import config as cfgmod  # noqa: E402
+import tasks  # noqa: E402  (the task builders: the segmentor is built as its task builds it)
 import torchfile  # noqa: E402
 import transformer  # noqa: E402
 from port_weights import families, formats  # noqa: E402
@@ -63,6 +69,7 @@ KEY_TABLE = (
     ('.running_mean', '._mean'),
     ('.running_var', '._variance'),
     (STEP_COUNTER, None),
+    ('.relative_position_index', None),  # BEiT's: derived from the grid, rebuilt by the model
 )
 
 # num_heads is not stored in a checkpoint (no shape depends on it): the named sizes'.
@@ -74,16 +81,27 @@ OFFICIAL_DECODER_NUM_HEADS = {
 # MODEL.LAYER_SCALE of a converted model with LayerScale: the gammas come from the weights, so
 # the init value only has to be non-zero (timm's init_values of the MAE-JAX exports)
 LAYER_SCALE_INIT = 1e-4
-# constructor keyword -> (config key, value of the official model): the family's variants
-VARIANT_KEYS = {'layer_scale': ('MODEL.LAYER_SCALE', 0.0), 'qkv_bias': ('MODEL.QKV_BIAS', 'qkv'),
-                'abs_pos_embed': ('MODEL.ABS_POS_EMBED', True),
-                'rel_pos_bias': ('MODEL.REL_POS_BIAS', False),
-                'norm_eps': ('MODEL.LAYER_NORM_EPS', transformer.LAYER_NORM_EPS)}
+# architecture entry -> config key; converted_config sets those that differ from its config file
+CONFIG_KEYS = {'layer_scale': 'MODEL.LAYER_SCALE', 'qkv_bias': 'MODEL.QKV_BIAS',  # variants
+               'abs_pos_embed': 'MODEL.ABS_POS_EMBED', 'rel_pos_bias': 'MODEL.REL_POS_BIAS',
+               'norm_eps': 'MODEL.LAYER_NORM_EPS',
+               'img_size': 'DATA.IMAGE_SIZE'}
+SEGMENTOR_KEYS = {'num_classes': 'MODEL.NUM_CLASSES',
+                  'out_indices': 'MODEL.SEGMENTATION.OUT_INDICES',
+                  'channels': 'MODEL.SEGMENTATION.CHANNELS',
+                  'pool_scales': 'MODEL.SEGMENTATION.POOL_SCALES',
+                  'aux_channels': 'MODEL.SEGMENTATION.AUX_CHANNELS',
+                  'aux_weight': 'MODEL.SEGMENTATION.AUX_WEIGHT',  # 0: no auxiliary head
+                  'dropout': 'MODEL.SEGMENTATION.DROPOUT',
+                  'slide_stride': 'MODEL.SEGMENTATION.SLIDE_STRIDE'}
+BACKBONE = families.BACKBONE  # the segmentor's encoder, under the official ViT names
+ADE20K_CLASSES = 150
 
 KIND_DESCRIPTIONS = {
     'pretrain-encoder': 'MAE pre-trained encoder (cls_token, pos_embed, patch_embed, blocks, norm)',
     'pretrain-full': 'MAE pre-training model with its decoder (mask_token, decoder_*)',
     'finetuned': 'ViT classifier',
+    'segmentor': 'UperNet segmentor: ViT backbone, 4-scale neck, UPerHead',
 }
 
 
@@ -130,8 +148,11 @@ def identify_official(filename, md5_hex, table=OFFICIAL_MD5):
 # Kind, architecture, conversion
 # ----------------------------------------------------------------------------------------------
 def detect_kind(keys):
-    """-> 'pretrain-full' | 'finetuned' | 'pretrain-encoder' from a state_dict's keys."""
+    """-> 'segmentor' | 'pretrain-full' | 'finetuned' | 'pretrain-encoder' from a state_dict's
+    keys."""
     keys = set(keys)
+    if any(k.startswith('decode_head.') for k in keys):
+        return 'segmentor'
     if 'mask_token' in keys or any(k.startswith('decoder_') for k in keys):
         return 'pretrain-full'
     if any(k.startswith('head.') for k in keys):
@@ -158,33 +179,44 @@ def _depth(keys, prefix):
     return max(ids) + 1 if ids else 0
 
 
-def infer_architecture(sd, kind, facts=None):
+def _shape(sd, key, ndim, prefix=''):
+    if key not in sd:
+        raise ConversionError(f'key {prefix}{key} is missing, needed to infer the architecture')
+    s = tuple(sd[key].shape)
+    if len(s) != ndim:
+        raise ConversionError(f'key {prefix}{key} has shape {list(s)}, expected {ndim} '
+                              f'dimensions')
+    return s
+
+
+def infer_architecture(sd, kind, facts=None, prefix=''):
     """Shapes (and the source's facts: heads, LayerNorm eps) -> constructor arguments of the
     matching transformer.py model (see detect_kind), the family's variants included:
     LayerScale (ls1.gamma), the qkv bias kind (qkv.bias / BEiT's q_bias + v_bias / none), the
-    absolute position embedding (pos_embed, or none with relative position tables)."""
+    absolute position embedding (pos_embed, or none with relative position tables).
+    A segmentor: its backbone's, plus the heads' widths and the facts' settings
+    (segmentor_architecture). prefix: where sd's keys stand in the source, for messages."""
     facts = facts or {}
+    if kind == 'segmentor':
+        return 'Segmentor', segmentor_architecture(sd, facts)
 
     def shape(key, ndim):
-        if key not in sd:
-            raise ConversionError(f'key {key} is missing, needed to infer the architecture')
-        s = tuple(sd[key].shape)
-        if len(s) != ndim:
-            raise ConversionError(f'key {key} has shape {list(s)}, expected {ndim} dimensions')
-        return s
+        return _shape(sd, key, ndim, prefix)
 
     dim, in_chans, p, p2 = shape('patch_embed.proj.weight', 4)
     if p != p2:
-        raise ConversionError(f'patch_embed.proj.weight has non-square patches {p}x{p2}')
+        raise ConversionError(f'{prefix}patch_embed.proj.weight has non-square patches {p}x{p2}')
     rel_table = 'blocks.0.attn.relative_position_bias_table'
     if 'pos_embed' in sd:
         tokens = shape('pos_embed', 3)[1] - 1  # + cls token
     elif rel_table in sd:  # ((2g-1)^2 + 3, heads): the grid the tables were trained on
         side = math.isqrt(max(shape(rel_table, 2)[0] - 3, 0))
         tokens = ((side + 1) // 2) ** 2 if side % 2 else -1
+    elif facts.get('img_size'):  # the source's config says it
+        tokens = (int(facts['img_size']) // p) ** 2
     else:
-        raise ConversionError('neither pos_embed nor relative position tables '
-                              f'({rel_table}): the patch grid is unknown')
+        raise ConversionError(f'neither {prefix}pos_embed nor relative position tables '
+                              f'({prefix}{rel_table}) nor a config: the patch grid is unknown')
     grid = math.isqrt(max(tokens, 0))
     if tokens <= 0 or grid * grid != tokens:
         raise ConversionError(f'{tokens} patch positions: not a square grid')
@@ -219,18 +251,48 @@ def infer_architecture(sd, kind, facts=None):
     return 'VisionTransformer', arch
 
 
-def target_shapes(model_name, arch):
-    """Build the transformer.py model (lazily: no weights allocated) -> {key: shape}."""
+def segmentor_architecture(sd, facts):
+    """The segmentor's settings: the backbone's constructor arguments (infer_architecture of
+    the backbone.* keys), the classes and head widths from the classifier convs, the settings of
+    SEGMENTOR_KEYS the source states (facts), no auxiliary head (aux_weight 0) when it has none,
+    the sliding-window stride 2/3 of the window unless stated (341 for 512, as the recipe)."""
+    backbone = {k[len(BACKBONE):]: v for k, v in sd.items() if k.startswith(BACKBONE)}
+    _, arch = infer_architecture(backbone, 'pretrain-encoder', facts, prefix=BACKBONE)
+    for key in ('num_classes', 'global_pool'):  # (the encoder alone's)
+        del arch[key]
+    num_classes, channels = _shape(sd, 'decode_head.conv_seg.weight', 4)[:2]
+    arch.update(num_classes=num_classes, channels=channels)
+    for fact in SEGMENTOR_KEYS:
+        if facts.get(fact) is not None:
+            value = facts[fact]
+            arch[fact] = [int(v) for v in value] if isinstance(value, (list, tuple)) else value
+    if 'auxiliary_head.conv_seg.weight' in sd:
+        arch['aux_channels'] = _shape(sd, 'auxiliary_head.conv_seg.weight', 4)[1]
+    else:
+        arch['aux_weight'] = 0.0
+    arch.setdefault('slide_stride', arch['img_size'] * 2 // 3)
+    return arch
+
+
+def target_shapes(model_name, arch, facts=None):
+    """Build the transformer.py model (lazily: no weights allocated) -> {key: shape}; a
+    Segmentor from its converted config, by its task's builder (tasks.build_model)."""
     kwargs = {k: v for k, v in arch.items() if k != 'linear_probe'}
     guard = paddle.LazyGuard() if hasattr(paddle, 'LazyGuard') else contextlib.nullcontext()
     device = paddle.get_device()
     paddle.set_device('cpu')  # only shapes are needed: never take GPU memory for them
     try:
         with guard:
-            model = getattr(transformer, model_name)(**kwargs)
+            if model_name == 'Segmentor':
+                config, _ = converted_config('segmentor', arch, facts or {})
+                model = tasks.build_model(config)
+            else:
+                model = getattr(transformer, model_name)(**kwargs)
             if arch.get('linear_probe'):
                 transformer.add_linear_probe_head(model)
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except cfgmod.ConfigError as e:
+        raise ConversionError(f'the converted model has no valid config: {e}') from None
     finally:
         paddle.set_device(device)
 
@@ -280,7 +342,7 @@ def convert_state_dict(sd, facts=None):
                               f'weights cannot be converted for it')
     kind = detect_kind(sd)
     model_name, arch = infer_architecture(sd, kind, facts)
-    expected = target_shapes(model_name, arch)  # before converting: keeps peak memory lower
+    expected = target_shapes(model_name, arch, facts)  # before converting: lower peak memory
     out, source_of, dropped, transposed = {}, {}, [], 0
     for key, value in sd.items():
         new = convert_key(key)
@@ -316,6 +378,9 @@ def convert_state_dict(sd, facts=None):
 
 
 def _describe_kind(kind, arch):
+    if kind == 'segmentor':
+        aux = ' + auxiliary FCN head' if arch.get('aux_channels') else ', no auxiliary head'
+        return f'{kind} ({KIND_DESCRIPTIONS[kind]}{aux})'
     if kind != 'finetuned':
         return f'{kind} ({KIND_DESCRIPTIONS[kind]})'
     head = ('linear probe: head.0 BatchNorm + head.1 Linear' if arch.get('linear_probe')
@@ -353,7 +418,8 @@ def convert_file(src, dst, log=print):
         official, facts = family.to_official(source)
     except torchfile.FormatError as e:
         raise ConversionError(str(e)) from None
-    log(f'found: {family.label} ({source.container}, {len(source.tensors)} tensors)')
+    log(f'found: {family.describe(source)} ({source.container}, {len(source.tensors)} '
+        f'tensors)')
     if source.ignored:
         log(f'ignored checkpoint entries (not model weights): {", ".join(source.ignored)}')
     try:
@@ -364,7 +430,7 @@ def convert_file(src, dst, log=print):
     info['dropped'] = list(facts.get('unused', ())) + info['dropped']
     arch = info['arch']
     config, opts = converted_config(kind, arch, facts)
-    classes, said = class_identity(arch, facts.get('classes'))
+    classes, said = class_identity(arch, facts.get('classes'), kind)
     info.update(md5=md5, official=status, src=src, dst=dst, config=config, classes=classes)
     out[checkpoint.META_KEY] = checkpoint.run_meta(config, classes)
 
@@ -373,6 +439,15 @@ def convert_file(src, dst, log=print):
     log(f'kind: {_describe_kind(kind, arch)}')
     log(f'architecture: {info["model"]}(' + ', '.join(
         f'{k}={v}' for k, v in arch.items() if k != 'linear_probe') + ')')
+    if kind == 'segmentor':
+        seg = config.MODEL.SEGMENTATION
+        log(f'segmentation: blocks {list(seg.OUT_INDICES)} (0-based) -> neck, UPerHead '
+            f'{seg.CHANNELS} channels, pool scales {list(seg.POOL_SCALES)}, auxiliary head '
+            + (f'{seg.AUX_CHANNELS} channels (weight {seg.AUX_WEIGHT})' if seg.AUX_WEIGHT
+               else 'none')
+            + f', windows of {config.DATA.IMAGE_SIZE} every {seg.SLIDE_STRIDE} pixels')
+    for note in facts.get('notes', ()):
+        log(f'  ({note})')
     if not facts.get('num_heads'):
         heads = ('num_heads' if 'decoder_num_heads' not in arch
                  else 'num_heads, decoder_num_heads')
@@ -381,17 +456,23 @@ def convert_file(src, dst, log=print):
             f'give them to -eval / fine-tuning with -opts MODEL.ENCODER.NUM_HEADS N)')
     log(f'tensors: {info["num_tensors"]} ({info["transposed"]} Linear weights transposed, '
         f'{info["renamed"]} BatchNorm buffers renamed, {len(info["dropped"])} dropped: '
-        f'{", ".join(info["dropped"]) or "none"})')
+        f'{_listing(info["dropped"]) or "none"})')
     log(f'classes: {said}')
     log(f'saved: {dst} (with the config that builds its model)')
     log(f'use it with: {usage(opts, dst)}')
     return kind, info
 
 
-def class_identity(arch, names):
-    """-> (the class names a converted classifier carries, what the report says of them).
-    A 1000-class head is ImageNet-1k's, in the official order: its WordNet ids (classnames.py),
-    also when the source names the classes by their words in that order."""
+def class_identity(arch, names, kind=None):
+    """-> (the class names a converted model carries, what the report says of them).
+    A 1000-class classifier head is ImageNet-1k's, in the official order: its WordNet ids
+    (classnames.py), also when the source names the classes by their words in that order; a
+    150-class segmentor without names ADE20K's (classnames.ade20k, mmsegmentation's order)."""
+    if kind == 'segmentor':
+        if not names and arch['num_classes'] == ADE20K_CLASSES:
+            return list(classnames.ade20k()), ('ADE20K, the 150 classes in mmsegmentation\'s '
+                                               'order (a 150-class segmentor without names)')
+        arch = dict(arch, num_classes=None)  # (a classifier's rule only)
     if arch.get('num_classes', 0) != 1000:
         if names:
             return list(names), f'{len(names)} names from the source'
@@ -423,8 +504,10 @@ def converted_config(kind, arch, facts):
     """-> (the config that builds the converted model, [config file, KEY, value, ...] of the
     usage line (a pre-trained encoder's: fine-tuning's, whose head starts fresh)): a named
     size's config where the shape is one (transformer.SIZES; heads are not stored, so not
-    compared), MODEL.NAME *_custom with the shape keys otherwise, the variants (LayerScale,
-    qkv bias, position embeddings, LayerNorm eps) and the source's loss settings as -opts."""
+    compared; a segmentor: its vit_*_512_upernet_ade20k.yaml), MODEL.NAME *_custom with the
+    shape keys otherwise, and as -opts what differs from that file: the variants (LayerScale,
+    qkv bias, position embeddings, LayerNorm eps), the image size, the source's loss settings,
+    a segmentor's SEGMENTOR_KEYS."""
     size = next((s for s, (_, shape) in transformer.SIZES.items()
                  if all(arch[k] == shape[k] for k in ('patch_size', 'embed_dim', 'depth'))),
                 None)
@@ -438,6 +521,14 @@ def converted_config(kind, arch, facts):
     if mae and any(arch[k] != transformer.MAE_DECODER[k] for k in transformer.MAE_DECODER):
         named = False
     cfg_file = os.path.join('configs', f'vit_{size or "base_patch16"}_224_{stage}.yaml')
+    keys = dict(CONFIG_KEYS)
+    if kind == 'segmentor':
+        keys.update(SEGMENTOR_KEYS)
+        cfg_file = os.path.join('configs', f'vit_{size}_512_upernet_ade20k.yaml')
+        if not os.path.isfile(os.path.join(REPO_ROOT, cfg_file)):  # (no size, or ViT-H)
+            named = False
+            cfg_file = os.path.join('configs', 'vit_base_patch16_512_upernet_ade20k.yaml')
+    config = cfgmod.get_config(os.path.join(REPO_ROOT, cfg_file))
     opts = []
     if not named:
         opts += ['MODEL.NAME', 'mae_vit_custom' if mae else 'vit_custom',
@@ -449,12 +540,9 @@ def converted_config(kind, arch, facts):
             opts += ['MODEL.DECODER.EMBED_DIM', arch['decoder_embed_dim'],
                      'MODEL.DECODER.DEPTH', arch['decoder_depth'],
                      'MODEL.DECODER.NUM_HEADS', arch['decoder_num_heads']]
-    for arg, (key, official) in VARIANT_KEYS.items():
-        if arg in arch and arch[arg] != official:
+    for arg, key in keys.items():
+        if arg in arch and arch[arg] != cfgmod.get_key(config, key):
             opts += [key, arch[arg]]
-    if arch['img_size'] != 224:
-        opts += ['DATA.IMAGE_SIZE', arch['img_size']]
-    config = cfgmod.get_config(os.path.join(REPO_ROOT, cfg_file))
     if mae:
         for fact, key in (('norm_pix_loss', 'MODEL.NORM_PIX_LOSS'),
                           ('mask_ratio', 'MODEL.MASK_RATIO')):
@@ -470,23 +558,31 @@ def converted_config(kind, arch, facts):
     alone = ['MODEL.NUM_CLASSES', 0, 'MODEL.GLOBAL_POOL', False] if kind == 'pretrain-encoder' \
         else []
     try:
-        cfgmod.merge_opts(config, [str(o) for o in opts + alone])
+        cfgmod.merge_opts(config, [_opt_text(o) for o in opts + alone])
         transformer.model_shape(config)
     except cfgmod.ConfigError as e:
         raise ConversionError(f'the converted model has no valid config: {e}') from None
     return config, [cfg_file] + opts
 
 
+def _opt_text(value):
+    """An -opts value as one shell word: lists without spaces ([3,5,7,11])."""
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(_opt_text(v) for v in value) + ']'
+    return str(value)
+
+
 def usage(opts, dst):
     """The -cfg (and -opts) line that builds the converted model from the repository."""
     line = f'-cfg {opts[0]} -pretrained {dst}'
-    return line + (' -opts ' + ' '.join(str(o) for o in opts[1:]) if opts[1:] else '')
+    return line + (' -opts ' + ' '.join(_opt_text(o) for o in opts[1:]) if opts[1:] else '')
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description='Convert an MAE-family checkpoint (official .pth, timm, HuggingFace) to '
-                    'Paddle (.pdparams). PyTorch is not needed.')
+        description='Convert an MAE-family checkpoint (official .pth, timm, HuggingFace; '
+                    'mmsegmentation / unilm / HF BEiT UperNet segmentors) to Paddle (.pdparams). '
+                    'PyTorch is not needed.')
     parser.add_argument('--src', required=True,
                         help='.pth / .pt / .bin (torch.save zip), .safetensors, or a '
                              'HuggingFace folder (config.json + weights)')

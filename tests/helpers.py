@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import paddle
@@ -421,3 +422,29 @@ def randomize_(module, seed, scale=0.1):
     with torch.no_grad():
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------------------------------
+# mmsegmentation (test-only reference) on mmcv-lite
+# ----------------------------------------------------------------------------------------------
+def stub_mmcv_ops():
+    """Make mmsegmentation 1.2.2 importable on mmcv-lite, which lacks the compiled mmcv.ops:
+    a stand-in module with the four names mmseg imports at module level (heads and losses the
+    tests never build; calling one raises). Nothing changes where the full mmcv is installed."""
+    try:
+        import mmcv.ops  # noqa: F401
+        return
+    except ImportError:
+        for name in [k for k in sys.modules if k == 'mmcv.ops' or k.startswith('mmcv.ops.')]:
+            del sys.modules[name]
+
+    def missing(name):
+        def call(*args, **kwargs):
+            raise NotImplementedError(f'mmcv.ops.{name} needs a compiled mmcv (stubbed)')
+        return call
+    ops = types.ModuleType('mmcv.ops')
+    for name in ('point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask'):
+        setattr(ops, name, missing(name))
+    sys.modules['mmcv.ops'] = ops
+    import mmcv
+    mmcv.ops = ops
