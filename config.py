@@ -74,7 +74,7 @@ _C.MODEL.SEGMENTATION.OUT_INDICES = [3, 5, 7, 11]  # 0-based blocks feeding fpn1
 _C.MODEL.SEGMENTATION.CHANNELS = 768  # UperHead width
 _C.MODEL.SEGMENTATION.POOL_SCALES = [1, 2, 3, 6]
 _C.MODEL.SEGMENTATION.AUX_CHANNELS = 256  # auxiliary FCN head on the third level
-_C.MODEL.SEGMENTATION.AUX_WEIGHT = 0.4
+_C.MODEL.SEGMENTATION.AUX_WEIGHT = 0.4   # 0: no auxiliary head
 _C.MODEL.SEGMENTATION.DROPOUT = 0.1   # before each head's 1x1 classifier conv
 _C.MODEL.SEGMENTATION.SLIDE_STRIDE = 341  # evaluation: sliding windows of IMAGE_SIZE, this stride
 
@@ -148,7 +148,7 @@ RANGES = {
     'MODEL.LAYER_NORM_EPS': (lambda v: v > 0, '> 0'),
     'MODEL.SEGMENTATION.CHANNELS': (lambda v: v >= 1, '>= 1'),
     'MODEL.SEGMENTATION.AUX_CHANNELS': (lambda v: v >= 1, '>= 1'),
-    'MODEL.SEGMENTATION.AUX_WEIGHT': (lambda v: v >= 0, '>= 0 (0: no auxiliary loss)'),
+    'MODEL.SEGMENTATION.AUX_WEIGHT': (lambda v: v >= 0, '>= 0 (0: no auxiliary head)'),
     'MODEL.SEGMENTATION.DROPOUT': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'MODEL.SEGMENTATION.SLIDE_STRIDE': (lambda v: v >= 1, '>= 1 (pixels)'),
     'MODEL.SEGMENTATION.OUT_INDICES': (lambda v: len(v) == 4, 'four block indices (fpn1..fpn4)'),
