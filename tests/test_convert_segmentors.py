@@ -421,3 +421,26 @@ def test_unknown_backbone_from_the_command_line(tmp_path):
     errors = [x for x in r.stderr.splitlines() if x.startswith('error:')]
     assert len(errors) == 1 and all(w in errors[0] for w in words), r.stderr
     assert os.listdir(tmp_path) == [src.name]
+
+
+def test_a_converted_beit_evaluates_at_another_window(tmp_path, beit_reference):
+    """-eval -opts DATA.IMAGE_SIZE of a converted BEiT segmentor (as BEiT's 640 px weights are
+    used at 512): the checkpoint's own config with the new size builds the segmentor, whose
+    relative position tables are the checkpoint's resampled as mmsegmentation does."""
+    import transformer
+    model, cfg, _ = beit_reference
+    torch.save({'meta': {'cfg': pretty_text(cfg)}, 'state_dict': model.state_dict()},
+               str(tmp_path / 'beit.pth'))
+    convert(tmp_path / 'beit.pth', tmp_path / 'beit.pdparams')
+    weights = str(tmp_path / 'beit.pdparams')
+    size = IMG + 2 * PATCH  # a 6x6 grid for the 4x4 one trained
+    config = checkpoint.config_for(None, weights, lambda c: cfgmod.merge_opts(
+        c, ['DATA.IMAGE_SIZE', str(size), 'MODEL.SEGMENTATION.SLIDE_STRIDE', str(size)]))
+    net = tasks.load_trained(config, weights)
+    saved = checkpoint.split_meta(checkpoint.load_file(weights, 'weights'))[0]
+    key = 'backbone.blocks.2.attn.relative_position_bias_table'
+    want = transformer.resize_relative_position_table(np.asarray(saved[key]), 4, 6)
+    assert want.shape == (11 * 11 + 3, HEADS)
+    assert np.array_equal(net.state_dict()[key].numpy(), want)
+    out = net(paddle.to_tensor(np.random.RandomState(0).randn(1, 3, size, size).astype('float32')))
+    assert tuple(out.shape) == (1, len(CLASSES), size, size)
