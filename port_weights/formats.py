@@ -40,7 +40,12 @@ def read(path):
         tensors, ignored, kept = torchfile.load_state_dict(path, keep=('meta',))
         meta = kept.get('meta') if isinstance(kept.get('meta'), dict) else None
         return Source(path, 'torch.save zip', tensors, meta=meta, ignored=ignored)
-    torchfile.load_state_dict(path)  # raises FormatError saying what the file is instead
+    try:
+        torchfile.load_state_dict(path)  # raises FormatError saying what the file is instead
+    except FormatError as e:
+        generic = 'not a PyTorch checkpoint (not a zip archive written by torch.save)'
+        raise FormatError(str(e).replace(generic, 'neither a PyTorch checkpoint (a zip written '
+                                         'by torch.save) nor a .safetensors file')) from None
     raise FormatError(f'{path}: not a checkpoint this converter reads')
 
 

@@ -138,7 +138,7 @@ def _write_bad(kind, src, tmp_path):
         return 'truncated download'
     if kind == 'random-bytes':
         src.write_bytes(b'\x13' + np.random.default_rng(0).bytes(4095))
-        return 'not a PyTorch checkpoint'
+        return 'neither a PyTorch checkpoint (a zip written by torch.save) nor a .safetensors'
     if kind == 'zip-not-checkpoint':
         with zipfile.ZipFile(src, 'w') as z:
             z.writestr('notes/readme.txt', 'hello')
