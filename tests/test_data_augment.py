@@ -15,7 +15,7 @@ from conftest import ROOT
 
 AA = pytest.importorskip('timm.data.auto_augment')
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
-from benchmark import TIMM_POSTERIZE_OPS, timm_posterize_as_old_pillow  # noqa: E402
+from benchmark_reference import TIMM_POSTERIZE_OPS, timm_posterize_as_old_pillow  # noqa: E402
 
 FILL = (124, 116, 104)  # ImageNet mean pixel, as timm's create_transform passes it
 TIMM_HPARAMS = dict(translate_const=100, img_mean=FILL, interpolation=Image.BICUBIC)

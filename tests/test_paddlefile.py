@@ -53,17 +53,19 @@ def check_as_paddle_load(path):
                     paddlefile.load(path, return_numpy=return_numpy))
 
 
+def tiny_model_and_optimizer():
+    """The tiny fine-tuning config, its model and its optimizer."""
+    config = tiny_config('finetune', **dict(zip(TINY_ARCH[0::2], TINY_ARCH[1::2])))
+    model = tasks.get_task(config).build_model()
+    return config, model, optim.build_optimizer(model, config, 1)
+
+
 @pytest.fixture(scope='module')
 def trained_pair(tmp_path_factory):
     """latest.pdparams / latest.pdopt as training writes them (AdamW after one step, AMP
     scaler, training state), and the same objects saved again with pickle protocol 2."""
     out = str(tmp_path_factory.mktemp('run'))
-    config = tiny_config('finetune')
-    config.defrost()
-    config.merge_from_list(TINY_ARCH)
-    config.freeze()
-    model = tasks.get_task(config).build_model()
-    optimizer = optim.build_optimizer(model, config, 1)
+    config, model, optimizer = tiny_model_and_optimizer()
     model(paddle.randn([2, 3, 32, 32])).mean().backward()
     optimizer.step()
     scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
@@ -87,12 +89,7 @@ def test_resume_from_restricted_load_restores_everything(trained_pair):
     """checkpoint.resume puts the pair back: the model's weights, and the optimizer state it
     hands Paddle's set_state_dict equal to what paddle.load reads (the exact kill-and-resume
     tests of test_train.py check the training that follows)."""
-    config = tiny_config('finetune')
-    config.defrost()
-    config.merge_from_list(TINY_ARCH)
-    config.freeze()
-    model = tasks.get_task(config).build_model()
-    optimizer = optim.build_optimizer(model, config, 1)
+    _, model, optimizer = tiny_model_and_optimizer()
     handed = []
     restore = optimizer.set_state_dict
     optimizer.set_state_dict = lambda sd: (handed.append(sd), restore(sd))[1]

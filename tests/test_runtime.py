@@ -16,8 +16,8 @@ MODULES = ['checkpoint', 'classnames', 'cli', 'config', 'cpu_kernels', 'datasets
            'mixup', 'optim', 'paddlefile', 'randaugment', 'runtime', 'safepickle', 'seg_data',
            'seg_inference', 'seg_transforms', 'segmentation', 'shards', 'sources', 'tasks',
            'torchfile', 'transformer', 'transforms', 'utils']
-TOOLS = ['benchmark', 'export_model', 'inspect_recipe', 'make_demo_dataset', 'make_shards',
-         'memory_estimate', 'predict', 'visualize']
+TOOLS = ['benchmark', 'benchmark_reference', 'export_model', 'inspect_recipe',
+         'make_demo_dataset', 'make_shards', 'memory_estimate', 'predict', 'visualize']
 ENV_KEYS = ['OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MALLOC_MMAP_THRESHOLD_',
             'MALLOC_TRIM_THRESHOLD_', 'MAE_NO_REEXEC']
 

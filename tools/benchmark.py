@@ -45,12 +45,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (sibling tools)
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import benchmark_reference as reference  # noqa: E402  (no Paddle in it)
 import config as config_lib  # noqa: E402
-
-datasets = None  # imported in main(), after the CPU environment is set up
+import runtime  # noqa: E402
 
 JPEG_SIZES = [(500, 375), (375, 500), (500, 333)]  # typical ImageNet shapes
 PHOTOS = ['astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg', 'motorcycle_left.png',
@@ -81,6 +83,22 @@ def parse_args(argv=None):
     p.add_argument('-opts', nargs='+', action='extend', default=[],
                    help='KEY VALUE pairs overriding the config')
     return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    _args = parse_args()
+    if _args.reference == 'torch' and not _args.data:  # the reference's step as users run it,
+        reference.run(_args, reference.bench_torch_reference)  # Paddle never loaded
+        sys.exit()
+    runtime.setup_process()  # as the entry points: threads, MKL path, malloc, before Paddle
+
+import datasets  # noqa: E402
+import make_shards  # noqa: E402
+import optim  # noqa: E402
+import paddle  # noqa: E402
+import shards  # noqa: E402
+import tasks  # noqa: E402
+import utils  # noqa: E402
 
 
 def photo_sources():
@@ -124,36 +142,6 @@ def write_jpegs(folder, count=48, seed=0):
     return paths, f'{count} generated JPEGs of {sizes} from {what}'
 
 
-TIMM_POSTERIZE_OPS = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
-
-
-def timm_posterize_as_old_pillow(img, bits, **_):
-    """timm's posterize fails on Pillow >= 11 with 0 bits; old Pillow returned black. Put in
-    timm's NAME_TO_OP for TIMM_POSTERIZE_OPS (here and by the RandAugment tests)."""
-    import timm.data.auto_augment as timm_aa
-    return Image.new(img.mode, img.size) if bits <= 0 else timm_aa.posterize(img, bits)
-
-
-def timm_train_transform(config):
-    """timm's create_transform with the config's fine-tuning recipe (the official MAE builds its
-    fine-tuning transform this way), and timm's image loader (PIL open + convert RGB)."""
-    import timm.data.auto_augment as timm_aa
-    from timm.data import create_transform
-    d, t = config.DATA, config.TRAIN
-    for name in TIMM_POSTERIZE_OPS:
-        timm_aa.NAME_TO_OP[name] = timm_posterize_as_old_pillow
-    transform = create_transform(
-        input_size=d.IMAGE_SIZE, is_training=True, scale=tuple(t.RRC_SCALE),
-        auto_augment=t.RAND_AUGMENT or None, interpolation='bicubic',
-        re_prob=t.RANDOM_ERASE_PROB, re_mode=t.RANDOM_ERASE_MODE, re_count=t.RANDOM_ERASE_COUNT,
-        mean=tuple(d.MEAN), std=tuple(d.STD))
-
-    def load(path):
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    return transform, load
-
-
 def timed_images(args, tmp, count=None):
     """-> (image paths, description): the files under --data-path (the first `count`), else
     JPEGs written to tmp (write_jpegs; `count` of them, or its default)."""
@@ -172,13 +160,11 @@ def bench_data(config, args):
     if args.reference == 'torch':
         import random
         import torch
-        transform, load = timm_train_transform(config)
+        transform, load = reference.timm_train_transform(config)
         kind = 'timm create_transform'
         random.seed(config.SEED)
         torch.manual_seed(config.SEED)
     else:
-        import tasks
-        import utils
         transform = tasks.get_task(config).build_transform(not args.eval_transform)
         load = datasets.load_rgb
         kind = 'eval' if args.eval_transform else f'train ({config.TRAIN.MODE})'
@@ -206,10 +192,6 @@ def bench_sources(config, args):
     """--data --shards: images per second of one training epoch over the same images from a
     list file, seeked shards and streamed shards, with 0 / 1 / 2 loader workers. -> the seeked
     shards' rate in one process."""
-    import shards
-    import tasks
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import make_shards
     with tempfile.TemporaryDirectory() as tmp:
         paths, source = timed_images(args, tmp, count=args.images)
         with open(os.path.join(tmp, 'train_list.txt'), 'w') as f:
@@ -270,23 +252,9 @@ def bench_sources(config, args):
     return rates['shards (seek)', 0]
 
 
-def _timed(step, batch, steps, warmup=2):
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - start
-    print(f'model: {steps} steps of batch {batch}: {1000 * elapsed / steps:.0f} ms per step')
-    return batch * steps / elapsed
-
-
 def bench_model(config, args):
     """Images per second of full training steps of this project's model: the task's loss
     (tasks.py) on synthetic images, backward, optimizer step. -> float"""
-    import paddle
-    import optim
-    import tasks
     batch = args.batch_size or config.DATA.BATCH_SIZE
     paddle.seed(config.SEED)
     task = tasks.get_task(config)
@@ -304,89 +272,26 @@ def bench_model(config, args):
         float(loss)
     print(f'model: paddle {paddle.__version__}, {os.environ.get("OMP_NUM_THREADS")} threads, '
           f'{config.MODEL.NAME} ({task.mode}), {size}px')
-    return _timed(step, batch, args.steps)
+    return reference.timed(step, batch, args.steps)
 
 
-def bench_torch_reference(config, args):
-    """The same step in PyTorch (HF ViTMAE / timm ViT), as a user would run it. -> float"""
-    import functools
-    import torch
-    batch = args.batch_size or config.DATA.BATCH_SIZE
-    torch.manual_seed(config.SEED)
-    e, d, size = config.MODEL.ENCODER, config.MODEL.DECODER, config.DATA.IMAGE_SIZE
-    if config.TRAIN.MODE == 'segmentation':
-        raise config_lib.ConfigError('--reference torch times classifiers and pre-training; '
-                                     'there is no PyTorch segmentor reference here')
-    if config.TRAIN.MODE == 'pretrain':
-        from transformers import ViTMAEConfig, ViTMAEForPreTraining
-        model = ViTMAEForPreTraining(ViTMAEConfig(
-            image_size=size, patch_size=e.PATCH_SIZE, hidden_size=e.EMBED_DIM,
-            num_hidden_layers=e.DEPTH, num_attention_heads=e.NUM_HEADS,
-            intermediate_size=int(e.EMBED_DIM * e.MLP_RATIO), decoder_hidden_size=d.EMBED_DIM,
-            decoder_num_hidden_layers=d.DEPTH, decoder_num_attention_heads=d.NUM_HEADS,
-            decoder_intermediate_size=int(d.EMBED_DIM * e.MLP_RATIO),
-            mask_ratio=config.MODEL.MASK_RATIO, norm_pix_loss=config.MODEL.NORM_PIX_LOSS,
-            layer_norm_eps=1e-6, qkv_bias=True, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0))
-        name = 'HF ViTMAEForPreTraining'
-    else:
-        import timm.models.vision_transformer as timm_vit
-        model = timm_vit.VisionTransformer(
-            img_size=size, patch_size=e.PATCH_SIZE, embed_dim=e.EMBED_DIM, depth=e.DEPTH,
-            num_heads=e.NUM_HEADS, mlp_ratio=e.MLP_RATIO, num_classes=config.MODEL.NUM_CLASSES,
-            global_pool='avg' if config.MODEL.GLOBAL_POOL else 'token',
-            drop_path_rate=config.MODEL.DROP_PATH,
-            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
-        name = 'timm VisionTransformer'
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
-                            betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
-                            weight_decay=config.TRAIN.WEIGHT_DECAY)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, config.MODEL.NUM_CLASSES, (batch,))
-
-    def step():
-        if config.TRAIN.MODE == 'pretrain':
-            loss = model(pixel_values=x).loss
-        else:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        float(loss)
-    print(f'model: torch {torch.__version__}, {torch.get_num_threads()} threads, {name}, '
-          f'{size}px')
-    return _timed(step, batch, args.steps)
+def measure(config, args):
+    """The measurement the flags ask for -> img/s."""
+    if args.data and config.TRAIN.MODE == 'segmentation':
+        raise config_lib.ConfigError('--data times the image transforms of classification '
+                                     'and pre-training configs, not the joint image + mask '
+                                     'pipeline of a segmentation config')
+    if args.data and args.shards:
+        return bench_sources(config, args)
+    if args.data:
+        return bench_data(config, args)
+    if args.reference == 'torch':
+        return reference.bench_torch_reference(config, args)
+    return bench_model(config, args)
 
 
 def main(argv=None):
-    global datasets
-    args = parse_args(argv)
-    errors = (config_lib.ConfigError,)
-    if args.data or args.reference is None:  # (the torch model step runs as users run it)
-        import runtime
-        runtime.setup_process(restart=argv is None)  # as the entry points, before Paddle loads
-        import datasets
-        import utils
-        errors += (utils.UserError,)
-    try:
-        config = config_lib.merge_opts(config_lib.get_config(args.cfg), args.opts)
-        config_lib.check_values(config)
-        if args.data and config.TRAIN.MODE == 'segmentation':
-            raise config_lib.ConfigError('--data times the image transforms of classification '
-                                         'and pre-training configs, not the joint image + mask '
-                                         'pipeline of a segmentation config')
-        if args.data and args.shards:
-            rate = bench_sources(config, args)
-        elif args.data:
-            rate = bench_data(config, args)
-        elif args.reference == 'torch':
-            rate = bench_torch_reference(config, args)
-        else:
-            rate = bench_model(config, args)
-    except errors as e:
-        sys.exit(f'benchmark.py: {e}')
-    print(f'img/s: {rate:.1f}')
+    reference.run(parse_args(argv), measure, errors=(utils.UserError,))
 
 
 if __name__ == '__main__':
