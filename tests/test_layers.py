@@ -9,7 +9,7 @@ from conftest import ROOT
 # lowest first; a module may import only modules listed before it
 LAYERS = [
     'runtime', 'config', 'cpu_kernels', 'mixup', 'utils', 'classnames',  # base
-    'safepickle', 'torchfile', 'paddlefile',                              # file formats
+    'safepickle', 'torchfile', 'paddlefile', 'matfile',                   # file formats
     'transformer', 'segmentation',                                        # models
     'randaugment', 'transforms', 'seg_transforms',                        # transforms
     'datasets', 'shards', 'seg_data', 'sources',                          # data

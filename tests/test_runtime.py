@@ -13,7 +13,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow  # every test runs Python in a subprocess
 
 MODULES = ['checkpoint', 'classnames', 'cli', 'config', 'cpu_kernels', 'datasets', 'engine',
-           'mixup', 'optim', 'paddlefile', 'randaugment', 'runtime', 'safepickle', 'seg_data',
+           'matfile', 'mixup', 'optim', 'paddlefile', 'randaugment', 'runtime', 'safepickle', 'seg_data',
            'seg_inference', 'seg_transforms', 'segmentation', 'shards', 'sources', 'tasks',
            'torchfile', 'transformer', 'transforms', 'utils']
 TOOLS = ['benchmark', 'benchmark_reference', 'export_model', 'inspect_recipe',
