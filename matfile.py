@@ -122,10 +122,14 @@ class _Reader:
 
 
 def load(path):
-    """The variables of a MATLAB 5 .mat file (module doc); FormatError names the file."""
+    """The variables of a MATLAB 5 .mat file, a path or a binary file object (module doc);
+    FormatError names the file."""
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        if hasattr(path, 'read'):
+            data, path = path.read(), getattr(path, 'name', 'meta.mat')
+        else:
+            with open(path, 'rb') as f:
+                data = f.read()
     except OSError as e:
         raise FormatError(f'{path}: cannot read ({e})') from None
     if len(data) < 128:
