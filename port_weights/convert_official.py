@@ -477,12 +477,11 @@ def class_identity(arch, names, kind=None):
         if names:
             return list(names), f'{len(names)} names from the source'
         return None, 'none known (the source names no classes)'
-    table = classnames.imagenet1k()
     if names is None:
-        return [w for w, _ in table], ('ImageNet-1k, the 1000 WordNet ids in the official order '
-                                       '(a 1000-class head without names)')
-    if list(names) == [n for _, n in table]:
-        return [w for w, _ in table], 'ImageNet-1k: the source\'s names, as WordNet ids'
+        return classnames.imagenet1k_wnids(), ('ImageNet-1k, the 1000 WordNet ids in the '
+                                               'official order (a 1000-class head without names)')
+    if classnames.canonical(names) != list(names):
+        return classnames.canonical(names), 'ImageNet-1k: the source\'s names, as WordNet ids'
     return list(names), '1000 names from the source (not ImageNet-1k\'s in its order)'
 
 
