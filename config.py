@@ -32,6 +32,11 @@ _C.DATA.TRAIN_SHARDS = ''             # tar shards (webdataset layout) instead o
                                       # 'train-{0000..1023}.tar' ('' = list file / folders)
 _C.DATA.VAL_SHARDS = ''               # the same for evaluation, instead of VAL_LIST
 _C.DATA.SHARD_SHUFFLE_BUFFER = 1000   # pipe: shards, training: samples in the shuffle buffer
+_C.DATA.TRAIN_PARQUET = ''            # parquet files (HF image datasets) instead of TRAIN_LIST:
+                                      # glob patterns relative to DATA_PATH or absolute, '::'-joined
+_C.DATA.VAL_PARQUET = ''              # the same for evaluation, instead of VAL_LIST
+_C.DATA.PARQUET_IMAGE_COLUMN = 'image'  # struct {bytes, path} (HF Image) or binary: encoded image
+_C.DATA.PARQUET_LABEL_COLUMN = 'label'  # integer class index
 # semantic segmentation (DESIGN.md 3.4): the crop / sliding window is IMAGE_SIZE
 _C.DATA.IGNORE_INDEX = 255            # annotation value left out of the loss and the metrics
 _C.DATA.REDUCE_ZERO_LABEL = False     # ADE20K: 0 ('other') -> IGNORE_INDEX, 1..150 -> 0..149

@@ -6,11 +6,13 @@ the registered sources of the wanted kind, in order, for the data of the config
 plus one `register(...)` line (or call), and nothing else changes: not the loaders, not the
 engine, not the tasks.
 
-Order matters: tar shards, when DATA.TRAIN_SHARDS / VAL_SHARDS is set, replace the list
-files; a list file wins over class folders.
+Order matters: tar shards (DATA.TRAIN_SHARDS / VAL_SHARDS) and parquet files
+(DATA.TRAIN_PARQUET / VAL_PARQUET), when set, replace the list files; a list file wins over
+class folders.
 """
 import os
 
+import parquet_data
 import seg_data
 import shards
 import transforms
@@ -34,6 +36,7 @@ def register(source, first=False):
 
 register(shards.ShardStream)
 register(shards.ShardDataset)
+register(parquet_data.ParquetDataset)
 register(ImageListDataset)
 register(ImageFolderDataset)
 register(seg_data.SegmentationDataset)

@@ -12,7 +12,7 @@ LAYERS = [
     'safepickle', 'torchfile', 'paddlefile', 'matfile',                   # file formats
     'transformer', 'segmentation',                                        # models
     'randaugment', 'transforms', 'seg_transforms',                        # transforms
-    'datasets', 'shards', 'seg_data', 'sources',                          # data
+    'datasets', 'shards', 'parquet_data', 'seg_data', 'sources',          # data
     'checkpoint', 'optim', 'seg_inference',                               # files, optimiser
     'tasks', 'engine', 'cli',                                             # stages
 ]

@@ -13,9 +13,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow  # every test runs Python in a subprocess
 
 MODULES = ['checkpoint', 'classnames', 'cli', 'config', 'cpu_kernels', 'datasets', 'engine',
-           'matfile', 'mixup', 'optim', 'paddlefile', 'randaugment', 'runtime', 'safepickle',
-           'seg_data', 'seg_inference', 'seg_transforms', 'segmentation', 'shards', 'sources',
-           'tasks', 'torchfile', 'transformer', 'transforms', 'utils']
+           'matfile', 'mixup', 'optim', 'paddlefile', 'parquet_data', 'randaugment', 'runtime',
+           'safepickle', 'seg_data', 'seg_inference', 'seg_transforms', 'segmentation', 'shards',
+           'sources', 'tasks', 'torchfile', 'transformer', 'transforms', 'utils']
 TOOLS = ['benchmark', 'benchmark_reference', 'export_model', 'inspect_recipe',
          'make_demo_dataset', 'make_shards', 'memory_estimate', 'predict', 'prepare_imagenet',
          'visualize']
