@@ -204,6 +204,7 @@ def test_memory_estimate_counts_the_real_model():
     ['-cfg', 'configs/tiny_segmentation.yaml', '--batch-size', '2', '--steps', '1'],
     ['-cfg', 'configs/tiny_finetune.yaml', '--batch-size', '4', '--steps', '1',
      '--reference', 'torch'],
+    ['-cfg', 'configs/tiny_finetune.yaml', '--batch-size', '4', '--steps', '1', '--eval'],
 ])
 def test_benchmark_modes_report_img_per_s(args):
     """Every mode runs and ends with `img/s: X` (no speed is asserted: that is not a test)."""
@@ -217,6 +218,8 @@ def test_benchmark_modes_report_img_per_s(args):
         assert '-> (3, 224, 224)' in r.stdout
     else:
         assert 'ms per step' in lines[-2]
+    if '--eval' in args:
+        assert lines[-3].startswith('eval: paddle ') and 'batch 4' in lines[-3]
 
 
 def _run_script(name, tmp_path, **env):

@@ -26,6 +26,12 @@
     Threads, MKL code path and malloc settings are set up as in the entry points
     (runtime.setup_process).
 
+    python tools/benchmark.py -cfg configs/vit_base_patch16_224_finetune.yaml --eval
+        [--batch-size 64] [--steps 4]
+    times the forward pass of -eval instead (the classifier in eval mode, no gradients, AMP
+    as TRAIN.AMP on GPU), on synthetic images: with --data --eval-transform, what evaluating a
+    data set takes (README: ImageNet val).
+
     ... --reference torch
     the same measurement of the PyTorch reference: with --data, timm's create_transform for the
     config's recipe and timm's loader (PIL open + convert); otherwise the same step in PyTorch,
@@ -78,6 +84,9 @@ def parse_args(argv=None):
                    help='--data --shards: timed passes of each kind (the median is reported)')
     p.add_argument('--eval-transform', action='store_true',
                    help='--data: time the evaluation transform instead of the training one')
+    p.add_argument('--eval', action='store_true',
+                   help='model timing: the forward pass of -eval (no gradients) instead of a '
+                        'training step')
     p.add_argument('--reference', choices=['torch'], default=None,
                    help='model step timing of the PyTorch reference instead of this code')
     p.add_argument('-opts', nargs='+', action='extend', default=[],
@@ -263,6 +272,8 @@ def bench_model(config, args):
     opt = optim.build_optimizer(model, config, 1)
     size = config.DATA.IMAGE_SIZE
     data = task.synthetic_batch(batch)  # (label maps for segmentation)
+    if args.eval:
+        return bench_eval(config, task, model, data[0], args)
 
     def step():
         loss = task.loss(model, data, 0)['loss']
@@ -273,6 +284,23 @@ def bench_model(config, args):
     print(f'model: paddle {paddle.__version__}, {os.environ.get("OMP_NUM_THREADS")} threads, '
           f'{config.MODEL.NAME} ({task.mode}), {size}px')
     return reference.timed(step, batch, args.steps)
+
+
+def bench_eval(config, task, model, images, args):
+    """Images per second of -eval's forward pass (engine.evaluate_only: eval mode, no
+    gradients, autocast as TRAIN.AMP) on synthetic images. -> float"""
+    if task.best_metric is None:
+        raise config_lib.ConfigError(f'--eval times an evaluating task; TRAIN.MODE '
+                                     f'{task.mode!r} does not evaluate')
+    model.eval()
+
+    def step():
+        with paddle.no_grad(), utils.amp_context(config):
+            float(model(images).sum())
+    print(f'eval: paddle {paddle.__version__}, {os.environ.get("OMP_NUM_THREADS")} threads, '
+          f'{config.MODEL.NAME} ({task.mode}), {config.DATA.IMAGE_SIZE}px, batch '
+          f'{images.shape[0]}')
+    return reference.timed(step, images.shape[0], args.steps)
 
 
 def measure(config, args):
