@@ -21,29 +21,51 @@ tarfile, plus the braceexpand package for the patterns, is all either reader her
 
 - Local shards (ShardDataset): each member's data is a contiguous byte range of the file, so
   each shard gets an index -- `<shard>.index.json` beside it, written by tools/make_shards.py,
-  or built once by scanning the tar headers (no image decoded) when missing or stale (the
-  shard's size differs): key, image member, data offset, data size, label. ShardDataset is an
-  ImageDataset whose image bytes come from one pread on a descriptor kept open: every sampler,
-  seed and error path of datasets.py applies unchanged, with all the guarantees above.
+  or built by scanning the tar headers (no image decoded): key, image member, data offset,
+  data size, label, .cls offset and size. An index is valid only for the exact file it was
+  made from: it records the file's size and st_mtime_ns and a crc32 of its keys and .cls bytes;
+  a missing, unreadable, older-format or stale index (size or time differ: a shard rewritten
+  in place, even to the same size) is rebuilt by scanning, with one line saying why and
+  whether the labels changed. Each read also reads the sample's .cls beside the image (one
+  pread) and checks it against the index, so a rewrite that kept size and time is caught too
+  (a bad sample naming the index to delete). ShardDataset is an ImageDataset whose image bytes
+  come from one pread on a descriptor kept open: every sampler, seed and error path of
+  datasets.py applies unchanged, with all the guarantees above.
 - pipe:COMMAND shards (ShardStream; e.g. `pipe:curl -s https://host/train-{0000..1023}.tar`,
   or `pipe:cat` to stream local ones front to back): an iterable dataset. The epoch's shard
   order is drawn from (SEED, epoch); each process reads one contiguous range of that order,
   each loader worker one contiguous part of it, through a shuffle buffer
   (DATA.SHARD_SHUFFLE_BUFFER). The epoch length is known beforehand from the sample counts,
-  counted once and kept in DATA_PATH/shard_counts.json (source_counts). Every sample is read
-  once per epoch; only what the batch size forces (< processes x batch) is dropped; evaluation
-  reads each sample once. Resuming mid-epoch replays each worker's stream up to where it was
-  without decoding, so it is exact for the same number of processes and workers. What it
-  gives up against the local reader: the global batches depend on the number of processes and
-  workers, and the shuffle is shard order + buffer, not a full permutation.
+  counted once and kept in DATA_PATH/shard_counts.json (source_counts; a cut stream's count is
+  never kept). Every sample is read once per epoch; only what the batch size forces
+  (< processes x batch) is dropped; evaluation reads each sample once. Resuming mid-epoch
+  replays each worker's stream up to where it was without decoding, so it is exact for the
+  same number of processes and workers. What it gives up against the local reader: the global
+  batches depend on the number of processes and workers, and the shuffle is shard order +
+  buffer, not a full permutation.
+  A command runs in a process group of its own under a small watchdog process that kills the
+  whole group (`curl ... | zstd -d`, `cat x; sleep 9`) when the reader closes the stream early
+  or dies in any way (Ctrl-C, SIGTERM, kill -9: Linux's PR_SET_PDEATHSIG), in the counting
+  step and in every loader worker; a terminal's Ctrl-C reaches the training process only.
 
-Bad samples (a tar cut inside a member or a header, an undecodable image, a sample without
-.cls when labels are needed, bad .cls text, a label >= MODEL.NUM_CLASSES, a failing command):
-with DATA.ON_BAD_IMAGE 'error' one DataError line naming the shard and the member; with 'skip'
-the sample keeps its id and is replaced by a readable one and counted, like an unreadable image
-of a list file. A tar cut off inside a member or a header loses the samples after the cut; in
-the index the cut counts as one bad sample. The index is trusted while the shard's size is
-unchanged: a shard rewritten in place to the same size needs its index deleted.
+Bad samples (a cut tar, an undecodable image, a sample without .cls when labels are needed,
+bad .cls text, a label >= MODEL.NUM_CLASSES, a failing command): with DATA.ON_BAD_IMAGE 'error'
+one DataError line naming the shard and the member; with 'skip' the sample keeps its id and is
+replaced by a readable one and counted, like an unreadable image of a list file. A tar is cut
+when it does not end with its end-of-archive blocks (two 512-byte zero blocks, then zeros only):
+cut inside a member, inside a header, or at a member boundary -- also a stream whose command
+exits 0. A cut loses the samples after it and counts as one bad sample (index, count and
+stream alike). A streamed shard that turns out shorter (its tar complete) or longer than its
+stored count: the message says the count may be stale and which entry of which
+shard_counts.json to delete to count it again.
+
+Classes: `classes` of both readers (the DataSource contract: label i = classes[i]) come from
+classes.txt (classnames.read_classes) in the folder of the first local shard, for pipe:
+sources only from DATA_PATH/classes.txt; None when there is none. tools/make_shards.py writes
+it. A number of names other than MODEL.NUM_CLASSES (labels needed) is a DataError.
+
+Long steps (scanning shards for their indexes, counting pipe: sources) print a progress line
+with counts every PROGRESS_SECONDS.
 
 Config values: DATA.TRAIN_SHARDS / VAL_SHARDS go through YAML (-opts too), so a pattern that
 starts with '{' must be quoted twice (-opts DATA.TRAIN_SHARDS "'{a,b}-{0..9}.tar'"); several
@@ -60,12 +82,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import zlib
 
 import numpy as np
 import paddle
 from braceexpand import UnbalancedBracesError
 from braceexpand import braceexpand as _braceexpand
 
+import classnames
 import datasets
 import utils
 from config import ConfigError
@@ -74,7 +99,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 INDEX_SUFFIX = '.index.json'
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the file's size, mtime_ns and a checksum of its labels; .cls offsets
+PROGRESS_SECONDS = 5.0  # long steps (scanning, counting, writing shards): a line this often
 
 
 # ------------------------------------------------------------------------------ brace patterns
@@ -162,17 +188,19 @@ def bad_sample_message(where, reason):
 
 def scan(shard):
     """Index a local tar by reading its headers and .cls members (no image is decoded):
-    {'version', 'shard_bytes', 'samples': [[key, image member or null, data offset, data size,
-    label or null (no .cls), problem or null], ...]} in member order. A problem (tar truncated
-    inside a member or a header, unreadable .cls, a .cls without an image) is a short text
-    naming the member; the sample keeps its place, so sample ids do not move. Keys with neither
-    an image nor a .cls are not samples."""
-    size = os.path.getsize(shard)
+    {'version', 'shard_bytes', 'shard_mtime_ns' (the file it was made from), 'labels_crc32'
+    (a checksum of the keys and .cls bytes), 'samples': [[key, image member or null, data
+    offset, data size, label or null (no .cls), problem or null, .cls offset, .cls size],
+    ...]} in member order. A problem (tar truncated inside a member or a header, unreadable
+    .cls, a .cls without an image) is a short text naming the member; the sample keeps its
+    place, so sample ids do not move. Keys with neither an image nor a .cls are not samples."""
     groups = []  # [key, {ext: (member name, data offset, data size)}], consecutive keys
     end = 0      # padded end of the last complete member
     truncated, tail_problem = None, None
-    samples = []
+    samples, crc = [], 0
     with open(shard, 'rb') as f:
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
         try:
             tar = tarfile.open(fileobj=f, mode='r:')
         except tarfile.TarError as e:
@@ -205,21 +233,24 @@ def scan(shard):
                 name, off, n = members['_cut']
                 samples.append([key, None, 0, 0, None,
                                 f'tar truncated inside member {name} ({n} bytes at byte {off}, '
-                                f'the file has {size})'])
+                                f'the file has {size})', 0, 0])
                 continue
-            cls_bytes = None
+            cls_bytes, cls_at = None, (None, 0, 0)
             if 'cls' in members:
-                f.seek(members['cls'][1])
-                cls_bytes = f.read(members['cls'][2])
+                cls_at = members['cls']
+                f.seek(cls_at[1])
+                cls_bytes = f.read(cls_at[2])
             sample = sample_of(key, members, cls_bytes)
             if sample is None:
                 continue  # members of no sample (metadata): ignored
+            crc = zlib.crc32(key.encode('utf-8') + b'\0' + (cls_bytes or b'') + b'\0', crc)
             ext, label, problem = sample
             image = members[ext] if ext else (None, 0, 0)
-            samples.append([key, *image, label, problem])
+            samples.append([key, *image, label, problem, *cls_at[1:]])
     if tail_problem:
-        samples.append([f'<after byte {end}>', None, 0, 0, None, tail_problem])
-    return {'version': INDEX_VERSION, 'shard_bytes': size, 'samples': samples}
+        samples.append([f'<after byte {end}>', None, 0, 0, None, tail_problem, 0, 0])
+    return {'version': INDEX_VERSION, 'shard_bytes': size, 'shard_mtime_ns': stat.st_mtime_ns,
+            'labels_crc32': crc, 'samples': samples}
 
 
 def _all_zero(f, chunk=1 << 20):
@@ -255,25 +286,65 @@ def write_index(shard, index):
     return write_json(index_path(shard), index)
 
 
-def load_index(shard):
-    """The index of a local shard: <shard>.index.json when it matches the shard's size, else a
-    scan (written beside the shard when the folder allows)."""
+def stale_reason(index, stat):
+    """Why an index does not describe the file of os.stat result `stat` (None: it does). An
+    index is valid for the exact file it was made from: same size and modification time."""
+    if not isinstance(index, dict) or index.get('version') != INDEX_VERSION:
+        version = index.get('version') if isinstance(index, dict) else None
+        return f'its index is of format {version}, this version reads {INDEX_VERSION}'
+    if index.get('shard_bytes') != stat.st_size:
+        return (f'the file has {stat.st_size} bytes, its index was made from '
+                f'{index.get("shard_bytes")}')
+    if index.get('shard_mtime_ns') != stat.st_mtime_ns:
+        return 'the file was modified after its index was made'
+    return None
+
+
+def load_index(shard, log=None):
+    """The index of a local shard: <shard>.index.json when it was made from this very file
+    (stale_reason), else a scan (written beside the shard when the folder allows; a stale
+    index replaced says why in one line)."""
     if not os.path.isfile(shard):
         raise datasets.DataError(f'shard not found: {shard}')
     path = index_path(shard)
-    size = os.path.getsize(shard)
+    old, why = None, None
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                index = json.load(f)
-            if index.get('version') == INDEX_VERSION and index.get('shard_bytes') == size:
-                return index
-        except (OSError, ValueError):
-            pass
+                old = json.load(f)
+            why = stale_reason(old, os.stat(shard))
+        except (OSError, ValueError) as e:
+            why = f'its index is unreadable ({datasets.explain(e)})'
+        if why is None:
+            return old
     index = scan(shard)
+    if why:
+        if isinstance(old, dict) and 'labels_crc32' in old:
+            why += ('; the labels are unchanged' if old['labels_crc32'] == index['labels_crc32']
+                    else '; the labels differ from the old index')
+        (log or _stderr)(f'{shard}: {why}: indexed again')
     if not write_index(shard, index):
         logger.warning('cannot write %s: the shard will be scanned again next time', path)
     return index
+
+
+def _stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line for a long step, at most every PROGRESS_SECONDS:
+    `<what>: <done>/<total><detail>`."""
+
+    def __init__(self, what, total, log=None):
+        self.what, self.total, self.log = what, total, log or _stderr
+        self.last = time.monotonic()
+
+    def __call__(self, done, detail=''):
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and done < self.total:
+            self.last = now
+            self.log(f'{self.what}: {done}/{self.total}{detail}')
 
 
 # -------------------------------------------------------------------------------- the dataset
@@ -322,13 +393,41 @@ def shard_args(config, is_train, transform, need_labels, key_name):
                 key_name=key_name)
 
 
+def classes_path(sources, root=''):
+    """Where the shards' class names are: classes.txt in the folder of the first local shard;
+    for pipe: sources only, root/classes.txt (root: DATA.DATA_PATH; None without one)."""
+    local = next((s for s in sources if not s.startswith('pipe:')), None)
+    if local is not None:
+        return os.path.join(os.path.dirname(local), classnames.CLASSES_FILE)
+    return os.path.join(root, classnames.CLASSES_FILE) if root else None
+
+
+def shard_classes(sources, root='', need_labels=False, num_classes=None):
+    """The class names of the shards (label i = names[i]) from classes_path(), or None when
+    there is no such file. DataError for an unreadable file, or for a number of classes other
+    than num_classes when labels are needed."""
+    path = classes_path(sources, root)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        names = classnames.read_classes(path)
+    except classnames.ClassFileError as e:
+        raise datasets.DataError(str(e)) from None
+    if need_labels and names and num_classes is not None and len(names) != num_classes:
+        raise datasets.DataError(f'{path} names {len(names)} classes but MODEL.NUM_CLASSES is '
+                                 f'{num_classes}: set -opts MODEL.NUM_CLASSES {len(names)}')
+    return names or None
+
+
 class ShardDataset(datasets.ImageDataset):
     """Samples of local tar shards -> (float32 image, int64 label, int64 sample id = the
     sample's global position: shard order x member order).
 
     sources: expand()'s list; need_labels: a sample without .cls is a bad sample (else its
     label is IGNORE_LABEL); num_classes: labels must be below it; key_name: the config key, for
-    messages. The other arguments are ImageDataset's.
+    messages. The other arguments are ImageDataset's. `classes`: shard_classes().
+    Each read also reads the sample's .cls member and checks it against the index: a shard
+    rewritten with its size and modification time kept is not read with stale labels.
     """
 
     def __init__(self, sources, transform=None, need_labels=True, num_classes=None,
@@ -338,17 +437,32 @@ class ShardDataset(datasets.ImageDataset):
             raise ConfigError(f'{key_name}: pipe: sources ({piped[0]!r}) cannot be seeked: '
                               f'ShardStream streams them (sources.build_dataset chooses)')
         self.shards = list(sources)
+        self.classes = shard_classes(self.shards, need_labels=need_labels,
+                                     num_classes=num_classes)
         shard_of, offsets, sizes, labels, names, problems = [], [], [], [], [], {}
+        cls_at, rebuilt = [], []
+        progress = Progress('shard indexes', len(self.shards))
+
+        def said(line):  # (the first few rebuilt indexes said, the others counted)
+            rebuilt.append(line)
+            if len(rebuilt) <= 3:
+                _stderr(line)
+
         for s, shard in enumerate(self.shards):
-            for key, member, off, n, label, problem in load_index(shard)['samples']:
+            for key, member, off, n, label, problem, c_off, c_n in load_index(shard, said)[
+                    'samples']:
                 problem = problem or label_problem(key, label, need_labels, num_classes)
                 if problem:
                     problems[len(offsets)] = problem
                 shard_of.append(s)
                 offsets.append(off)
                 sizes.append(n)
+                cls_at.append((c_off, c_n))
                 labels.append(datasets.IGNORE_LABEL if label is None or problem else label)
                 names.append(member or key)
+            progress(s + 1, f' shards read, {len(offsets)} samples')
+        if len(rebuilt) > 3:
+            _stderr(f'... and {len(rebuilt) - 3} more shard(s) indexed again')
         if not offsets:
             raise datasets.DataError(f'{key_name}: the shards ({self.shards[0]} ...) hold no '
                                      f'samples')
@@ -359,6 +473,7 @@ class ShardDataset(datasets.ImageDataset):
         self._shard_of = np.asarray(shard_of, np.int32)
         self._offsets = np.asarray(offsets, np.int64)
         self._sizes = np.asarray(sizes, np.int64)
+        self._cls = np.asarray(cls_at, np.int64).reshape(-1, 2)  # .cls (offset, size)
         self._names = np.array([x.encode('utf-8') for x in names], dtype=np.bytes_)
         self.problems = problems  # sample id -> what is wrong with it (few)
         self._open = OpenShards()
@@ -385,9 +500,25 @@ class ShardDataset(datasets.ImageDataset):
         return f'shard {self.shards[self._shard_of[index]]} member {self.member(index)}'
 
     def read_bytes(self, index):
-        """Sample `index`'s image member, as stored."""
-        return self._open.read(self.shards[self._shard_of[index]], int(self._offsets[index]),
-                               int(self._sizes[index]))
+        """Sample `index`'s image member, as stored (its .cls read along and checked)."""
+        shard = self.shards[self._shard_of[index]]
+        off, n = int(self._offsets[index]), int(self._sizes[index])
+        c_off, c_n = (int(x) for x in self._cls[index])
+        label = int(self.labels[index])
+        if not c_n or label < 0:  # (no label, or a problem that read_image raises)
+            return self._open.read(shard, off, n)
+        lo, hi = min(off, c_off), max(off + n, c_off + c_n)
+        if hi - lo <= n + c_n + 4096:  # (neighbours, as tar writers put them): one read
+            span = self._open.read(shard, lo, hi - lo)
+            data, cls = span[off - lo:off - lo + n], span[c_off - lo:c_off - lo + c_n]
+        else:
+            data, cls = self._open.read(shard, off, n), self._open.read(shard, c_off, c_n)
+        text = cls.decode('utf-8', 'replace').strip()
+        if not re.fullmatch(r'\d+', text) or int(text) != label:
+            raise OSError(f'its .cls member reads {text[:20]!r}, the index says {label}: the '
+                          f'shard was rewritten with its size and time kept; delete '
+                          f'{index_path(shard)} to index it again')
+        return data
 
     def read_image(self, index):
         problem = self.problems.get(int(index))
@@ -409,28 +540,71 @@ def counts_path(root):
     return os.path.join(os.path.expanduser('~'), '.cache', 'mae_paddle', COUNTS_FILE)
 
 
+# A pipe: command runs under a watchdog, `python -S -c _WATCHDOG READER_PID COMMAND` (standard
+# library only): the command's shell starts a process group of its own, and the watchdog kills
+# that whole group (curl | zstd, cat; sleep ...) when its reader closes the stream early
+# (SIGTERM from _close_source), when the reader dies in any way -- exit, Ctrl-C, SIGTERM,
+# kill -9 (Linux's PR_SET_PDEATHSIG sends the watchdog SIGTERM) -- and, after the shell exits,
+# whatever it left running. The watchdog exits with the shell's code. It is started with setsid
+# (detached from the terminal), so a terminal's Ctrl-C reaches the training process (which
+# saves), not the command.
+_WATCHDOG = r'''
+import ctypes, os, signal, subprocess, sys
+reader, command, group = int(sys.argv[1]), sys.argv[2], None
+def stop(*_):
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(143)
+def child():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.signal(signal.SIGTERM, stop)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+if sys.platform.startswith('linux'):
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+if os.getppid() != reader:
+    stop()
+proc = subprocess.Popen(command, shell=True, start_new_session=True, preexec_fn=child)
+group = proc.pid
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+code = proc.wait()
+try:
+    os.killpg(group, signal.SIGKILL)
+except OSError:
+    pass
+sys.exit(code if code >= 0 else 128 - code)
+'''
+
+
 def open_source(source):
     """-> (binary stream, subprocess or None): a local file, or the stdout of a pipe: command
-    (run by the shell, stderr kept in a temporary file for the message if it fails)."""
+    (run by the shell under _WATCHDOG, stderr kept in a temporary file for the message if it
+    fails)."""
     if not source.startswith('pipe:'):
         return open(source, 'rb'), None
     err = tempfile.TemporaryFile()
-    # its own session: a Ctrl-C at the terminal stops the training process (which saves), not
-    # the command under a loader worker; and it dies with the process reading it (kill -9)
-    proc = subprocess.Popen(source[len('pipe:'):], shell=True, stdout=subprocess.PIPE,
-                            stderr=err, bufsize=1 << 20, start_new_session=True,
-                            preexec_fn=utils.die_with_parent)
+    proc = subprocess.Popen([sys.executable, '-S', '-c', _WATCHDOG, str(os.getpid()),
+                             source[len('pipe:'):]], stdout=subprocess.PIPE, stderr=err,
+                            bufsize=1 << 20, start_new_session=True)
     proc.err = err
     return proc.stdout, proc
 
 
 def _close_source(f, proc, finished):
-    """Close the stream; a command that failed (after the stream ended) -> its problem text."""
+    """Close the stream (a command not read to its end: its process group killed); a command
+    that failed (after the stream ended) -> its problem text."""
     f.close()
     if proc is None:
         return None
     if not finished:
-        proc.kill()
+        proc.terminate()  # the watchdog kills the command's process group
     code = proc.wait()
     proc.err.seek(0)
     tail = proc.err.read()[-300:].decode('utf-8', 'replace').strip().replace('\n', ' ')
@@ -440,13 +614,63 @@ def _close_source(f, proc, finished):
     return None
 
 
+class _Kept:
+    """A stream read through, keeping its last bytes: what tarfile read past the last member
+    (to check the end-of-archive blocks that tarfile skips silently)."""
+
+    def __init__(self, f, keep=1 << 16):
+        self.f, self.keep, self.pos, self.buf = f, keep, 0, bytearray()
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.pos += len(data)
+        self.buf += data
+        if len(self.buf) > 2 * self.keep:
+            del self.buf[:-self.keep]
+        return data
+
+    def since(self, offset):
+        """The bytes read from stream position offset on (None: no longer kept)."""
+        start = self.pos - len(self.buf)
+        return bytes(self.buf[offset - start:]) if offset >= start else None
+
+
+def end_problem(stream, end):
+    """What is wrong with the stream after its last member, which ends at byte `end` (None:
+    the two zero blocks of the tar's end-of-archive, then zeros only); reads it to its end."""
+    head = stream.since(end)
+    if head is None:
+        return f'cannot check the end of the tar after byte {end}'
+    while len(head) < 1024:
+        more = stream.read(1024 - len(head))
+        if not more:
+            break
+        head += more
+    if not head:
+        return (f'the stream ends after byte {end} without the end-of-archive blocks of a tar '
+                f'(a cut tar)')
+    if head[:512].strip(b'\0'):
+        return (f'the stream ends inside a tar header at byte {end} (a cut tar)'
+                if len(head) < 512 else f'an unreadable tar header at byte {end} (a cut or '
+                                         f'corrupt tar)')
+    if len(head) < 1024:
+        return (f'the stream ends inside the end-of-archive blocks at byte {end + len(head)} '
+                f'(a cut tar)')
+    if head[1024:].strip(b'\0') or not _all_zero(stream):
+        return f'data after the end-of-archive blocks at byte {end + 1024} (a corrupt tar)'
+    return None
+
+
 def stream_samples(source, read_images=True):
     """The samples of one shard read front to back (tarfile's streaming mode: no seek, so a
     pipe works): yields (key, image member or None, image bytes or None, label or None,
-    problem or None) in member order, grouped as scan() groups them. A tar that cannot be read
-    on ends the stream with one more item whose problem says where; a failed pipe: command
-    too."""
+    problem or None, end) in member order, grouped as scan() groups them; end is None for a
+    sample. A tar that cannot be read on, or that does not end with its end-of-archive blocks
+    (a stream cut at a member boundary or inside a header, the command exiting 0), ends the
+    stream with one more item, end 'cut', whose problem says where; a failed pipe: command
+    with one item, end 'command', instead."""
     f, proc = open_source(source)
+    stream = _Kept(f)
     finished = False
     group = None  # [key, {ext: (member name, bytes or None)}], the current key's members
 
@@ -457,11 +681,11 @@ def stream_samples(source, read_images=True):
             return None
         ext, label, problem = sample
         name, data = members[ext] if ext else (None, None)
-        return key, name, data, label, problem
+        return key, name, data, label, problem, None
 
     try:
         try:
-            with tarfile.open(fileobj=f, mode='r|') as tar:
+            with tarfile.open(fileobj=stream, mode='r|') as tar:
                 for m in tar:
                     if not m.isfile():
                         continue
@@ -480,44 +704,47 @@ def stream_samples(source, read_images=True):
                 item = emit(group)
                 if item:
                     yield item
+            end = tar.offset  # where tarfile stopped: the end-of-archive blocks must follow
+            problem = end_problem(stream, end)
+            cut = (f'<after byte {end}>', None, None, None, problem, 'cut') if problem else None
         except (tarfile.TarError, OSError, EOFError) as e:
             where = '<start>' if group is None else \
                 list(group[1].values())[-1][0] if group[1] else group[0]
-            cut = (where, None, None, None, f'the tar is cut or unreadable here ({e})')
+            cut = (where, None, None, None, f'the tar is cut or unreadable here ({e})', 'cut')
             while proc is not None and f.read(1 << 20):  # to the end: the command's exit code
                 pass
-        else:
-            cut = None
         finished = True
     finally:
         failed = _close_source(f, proc, finished)
     if failed:  # the command's failure explains a cut
-        yield '<command>', None, None, None, failed
+        yield '<command>', None, None, None, failed, 'command'
     elif cut:
         yield cut
 
 
 def count_samples(source):
-    """Samples of a shard, counted by reading it once (images are not kept); a cut tar's cut
-    counts as one sample, as in scan(). A source that is no tar at all, or whose command
-    fails, raises DataError."""
-    n = 0
-    for key, _, _, _, problem in stream_samples(source, read_images=False):
-        if key == '<command>' or (key == '<start>' and problem):
+    """-> (samples of a shard, counted by reading it once (images are not kept), the problem
+    of a cut tar or None); a cut counts as one sample, as in scan(). A source that is no tar at
+    all, or whose command fails, raises DataError."""
+    n, cut = 0, None
+    for key, _, _, _, problem, end in stream_samples(source, read_images=False):
+        if end == 'command' or (end == 'cut' and key == '<start>'):
             raise datasets.DataError(f'cannot count the samples of {source}: {problem}')
+        if end == 'cut':
+            cut = problem if key.startswith('<') else f'member {key}: {problem}'
         n += 1
-    return n
+    return n, cut
 
 
-def _stderr(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-def source_counts(sources, root, log=None):
+def source_counts(sources, root, log=None, on_bad_image=None):
     """Sample count of each source, known before any epoch: a local shard's from its index
     (load_index); a pipe: source's from counts_path(root), where sources not yet listed are
-    counted once by streaming them and added (written atomically)."""
+    counted once by streaming them and added (written atomically, also when counting stops on
+    an error). A cut stream's count is never kept: on_bad_image 'skip' counts it for this run
+    (the cut as one bad sample); 'error' raises the bad-sample DataError; None (the tool)
+    raises DataError."""
     path = counts_path(root)
+    log = log or _stderr
     known = {}
     if any(s.startswith('pipe:') for s in sources) and os.path.isfile(path):
         try:
@@ -527,14 +754,33 @@ def source_counts(sources, root, log=None):
             raise datasets.DataError(f'{path}: unreadable sample counts ({e}); delete it to count '
                               f'again') from None
     missing = [s for s in sources if s.startswith('pipe:') and s not in known]
+    this_run = {}  # counts of cut streams, for this run only
     if missing:
-        (log or _stderr)(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
-        for s in missing:
-            known[s] = count_samples(s)
-        if not write_json(path, known):
-            (log or _stderr)(f'cannot write {path}: the shards will be counted again next time')
-    return [known[s] if s.startswith('pipe:') else len(load_index(s)['samples'])
-            for s in sources]
+        log(f'counting the samples of {len(missing)} streamed shard(s) once (kept in {path})')
+        progress, kept, total = Progress('counting streamed shards', len(missing), log), 0, 0
+        try:
+            for k, s in enumerate(missing):
+                n, cut = count_samples(s)
+                total += n
+                if cut is None:
+                    known[s] = n
+                    kept += 1
+                elif on_bad_image == 'skip':
+                    this_run[s] = n
+                    log(f'warning: {s}: {cut}; counted as {n} samples (the cut as one bad '
+                        f'sample) for this run only, not kept in {path}')
+                elif on_bad_image == 'error':
+                    raise datasets.DataError(bad_sample_message(
+                        f'shard {s}', f'{cut}; its sample count is not kept'))
+                else:
+                    raise datasets.DataError(f'cannot count the samples of {s}: {cut}; its '
+                                             f'count is not kept')
+                progress(k + 1, f' shards, {total} samples')
+        finally:
+            if kept and not write_json(path, known):
+                log(f'cannot write {path}: the shards will be counted again next time')
+    return [this_run[s] if s in this_run else known[s] if s.startswith('pipe:')
+            else len(load_index(s)['samples']) for s in sources]
 
 
 class _Bad(Exception):
@@ -570,9 +816,11 @@ class ShardStream(datasets.DataSource, paddle.io.IterableDataset):
 
     def __init__(self, sources, counts, transform=None, need_labels=True, num_classes=None,
                  on_bad_image='error', mark_skipped=False, train=False, seed=0,
-                 shuffle_buffer=0, key_name='DATA.TRAIN_SHARDS'):
+                 shuffle_buffer=0, key_name='DATA.TRAIN_SHARDS', root=''):
         datasets.DataSource.__init__(self, transform, on_bad_image, mark_skipped)
         self.sources = list(sources)
+        self.classes = shard_classes(self.sources, root, need_labels, num_classes)
+        self.counts_file = counts_path(root)  # (named in messages)
         self.counts = np.asarray(counts, np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         if not self.starts[-1]:
@@ -593,8 +841,10 @@ class ShardStream(datasets.DataSource, paddle.io.IterableDataset):
         if is_train and config.TRAIN.ITERS_PER_EPOCH:
             raise ConfigError('TRAIN.ITERS_PER_EPOCH is not supported with streamed (pipe:) '
                               'shards: an epoch is one pass over them')
-        return cls(sources, source_counts(sources, config.DATA.DATA_PATH), train=is_train,
-                   seed=config.SEED, shuffle_buffer=config.DATA.SHARD_SHUFFLE_BUFFER,
+        root = config.DATA.DATA_PATH
+        counts = source_counts(sources, root, on_bad_image=config.DATA.ON_BAD_IMAGE)
+        return cls(sources, counts, train=is_train, seed=config.SEED,
+                   shuffle_buffer=config.DATA.SHARD_SHUFFLE_BUFFER, root=root,
                    **shard_args(config, is_train, transform, need_labels, key))
 
     def __len__(self):
@@ -658,16 +908,27 @@ class ShardStream(datasets.DataSource, paddle.io.IterableDataset):
             if pos >= last:
                 break
             skip, take = max(first - pos, 0), min(last, pos + n) - max(first, pos)
-            seen, failed = 0, None
-            for i, (key, member, data, label, problem) in enumerate(
-                    stream_samples(self.sources[s], read_images=True)):
-                if key == '<command>':
+            source, recount = self.sources[s], (f'the count may be stale; delete its entry in '
+                                                f'{self.counts_file} to count it again')
+            seen, read, failed, cut = 0, 0, None, None
+            for i, (key, member, data, label, problem, end) in enumerate(
+                    stream_samples(source, read_images=True)):
+                if end == 'command':
                     failed = problem
                     break
-                if i >= n:  # the plan of the epoch is wrong: no skipping this
-                    raise datasets.DataError(
-                        f'shard {self.sources[s]} holds more samples than counted ({n}): '
-                        f'delete its entry in {COUNTS_FILE} to count it again')
+                if i >= n:  # past the counted samples
+                    if end != 'cut':  # the plan of the epoch is wrong: no skipping this
+                        raise datasets.DataError(f'shard {source} holds more samples than '
+                                                 f'counted ({n}): {recount}')
+                    if self.on_bad_image == 'error':  # cut after them: nothing planned lost
+                        raise datasets.DataError(bad_sample_message(
+                            f'shard {source} member {key}', problem))
+                    logger.warning('shard %s member %s: %s (after its %d counted samples)',
+                                   source, key, problem, n)
+                    break
+                read = i + 1
+                if end == 'cut':
+                    cut = f'{key}: {problem}'
                 if i < skip or seen == take:
                     continue
                 problem = problem or label_problem(key, label, self.need_labels,
@@ -676,10 +937,11 @@ class ShardStream(datasets.DataSource, paddle.io.IterableDataset):
                 seen += 1
                 if seen == take and skip + take < n:  # (to a shard's end: read on, to check)
                     break
-            for i in range(skip + seen, skip + take):  # the stream ended early: a cut tar
-                yield (int(self.starts[s]) + i, s, f'sample {i + 1} of {n}', None, None,
-                       failed or f'the stream ended after {skip + seen} of {n} samples (a cut '
-                                 f'tar?)')
+            for i in range(skip + seen, skip + take):  # the stream ended early
+                reason = failed or (f'lost to the cut tar (at {cut})' if cut else
+                                    f'the stream ended after {read} of the {n} samples counted '
+                                    f'and the tar is complete: {recount}')
+                yield int(self.starts[s]) + i, s, f'sample {i + 1} of {n}', None, None, reason
             pos += n
 
     def _shuffled(self, records, rng):
