@@ -14,11 +14,12 @@ import warnings
 
 import paddle
 
+import classnames
 import config as cfgmod
 import paddlefile
 import torchfile
 import transformer
-from utils import UserError, is_main_process
+from utils import NO_SPACE, UserError, is_main_process
 
 PATCH_EMBED = 'patch_embed.proj.weight'  # what every ViT / MAE state dict holds
 ENCODER_PARTS = ('blocks.', 'pos_embed', 'cls_token', 'patch_embed.')  # names of the encoder
@@ -59,9 +60,26 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=(),
     find_resume_checkpoint picks. copies: names under which the model is also kept, e.g.
     ('epoch_4', 'best') -> epoch_4.pdparams, best.pdparams (hard links, replaced atomically).
     meta (run_meta): stored in the .pdparams under META_KEY. Only the main process writes.
+    A write that finds no room (disk full, quota, file size limit) removes what it wrote and
+    raises UserError: the pair saved before stays as it was.
     """
     if not is_main_process():
         return
+    try:
+        _save_pair(output_dir, model, optimizer, state, scaler, copies, meta)
+    except OSError as e:
+        remove_temporary(output_dir)
+        if e.errno not in NO_SPACE:
+            raise
+        latest = os.path.join(output_dir, 'latest')
+        kept = (f'{latest}.pdparams (+ .pdopt) is the last whole checkpoint' if os.path.exists(
+            latest + '.pdopt') else 'no checkpoint was saved before this one')
+        raise UserError(f'cannot save a checkpoint in {output_dir}: {e.strerror} (disk full, '
+                        f'quota or file size limit); {kept}; free some space, then go on with '
+                        f'the same command and -resume auto') from None
+
+
+def _save_pair(output_dir, model, optimizer, state, scaler, copies, meta):
     latest = os.path.join(output_dir, 'latest')
     params = dict(model.state_dict())
     if meta is not None:
@@ -81,6 +99,23 @@ def save_checkpoint(output_dir, model, optimizer, state, scaler=None, copies=(),
         _link(latest + '.pdparams', os.path.join(output_dir, name + '.pdparams'))
 
 
+TEMPORARY = ('.tmp', '.next')  # endings of what a save writes before renaming it
+
+
+def remove_temporary(output_dir):
+    """Remove what a save that did not finish left in output_dir (temporary names, TEMPORARY):
+    it never holds the newest good pair, and may fill the disk. Main process only."""
+    if not is_main_process() or not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.endswith(TEMPORARY) and name.startswith(('latest.', 'previous.', 'best.',
+                                                          'epoch_')):
+            try:
+                os.remove(os.path.join(output_dir, name))
+            except FileNotFoundError:
+                pass
+
+
 def _link(src, dst):
     """dst becomes a hard link to src, atomically (a temporary link, then a rename)."""
     tmp = dst + '.tmp'
@@ -92,7 +127,8 @@ def _link(src, dst):
 
 def run_meta(config, classes=None):
     """What a checkpoint carries besides the weights (see META_KEY)."""
-    return {'config': config.dump(), 'classes': list(classes) if classes else None}
+    return {'config': config.dump(),
+            'classes': classnames.canonical(classes) if classes else None}
 
 
 def split_meta(state):
@@ -236,7 +272,8 @@ RESUME_MAY_CHANGE = ('MODEL.RESUME', 'MODEL.PRETRAINED', 'OUTPUT', 'DATA.DATA_PA
 
 def check_run_folder(config):
     """Before anything is written: OUTPUT must be a folder we may write, and a run already in it
-    is never overwritten: without MODEL.RESUME that is an error giving the two ways on.
+    (a checkpoint, or an epoch in log.txt) is never overwritten: without MODEL.RESUME that is an
+    error giving the two ways on; a config.yaml alone (a start that failed) is replaced.
     Returns, for a resume, the settings that differ from the run's saved config.yaml ('KEY old
     -> new', keys of RESUME_MAY_CHANGE left out) for the log: a resume may change them on
     purpose (a lower TRAIN.BASE_LR after a divergence), never silently."""
@@ -251,10 +288,17 @@ def check_run_folder(config):
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + \
         sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
                if f.startswith('epoch_') and f.endswith('.pdparams'))
+    # a start that failed before any progress (a data error in the first epoch) leaves only its
+    # config.yaml: nothing to keep, so the folder is used again
+    progress = [f for f in found if f != 'config.yaml' and
+                (f != 'log.txt' or os.path.getsize(os.path.join(out, f)))]
     if not config.MODEL.RESUME:
-        if found:
+        if progress:
             raise UserError(f'{out} already holds a run ({", ".join(found[:4])}): continue it '
                             f'with -resume auto, or start a new one with another -output')
+        if found and is_main_process():
+            print(f'note: {out} holds the config.yaml of a start that saved no checkpoint and '
+                  f'logged no epoch: starting there again', flush=True)
         return []
     folder = out if config.MODEL.RESUME == 'auto' else os.path.dirname(config.MODEL.RESUME)
     saved = os.path.join(folder, 'config.yaml')

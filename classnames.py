@@ -12,8 +12,8 @@ Class identity (DESIGN.md): every data source states the names of its labels (la
 names[i]) and every checkpoint carries the names it was trained with; `mismatch` is the one
 comparison. A data set states them in a `classes.txt` (CLASSES_FILE): one class a line in label
 order, `name` or `name<TAB>description` (the name is the identity; prepare_imagenet.py writes
-`wnid<TAB>words`). `canonical` turns ImageNet-1k's words in the official order (HF's label
-names) into the WordNet ids, so both spellings of ImageNet compare equal.
+`wnid<TAB>words`). `canonical` turns ImageNet-1k's words (HF's label names) into the WordNet
+ids, so both spellings of ImageNet compare equal.
 """
 import functools
 import os
@@ -52,14 +52,24 @@ def display(classes):
 
 
 def canonical(names):
-    """names as the identity they stand for: ImageNet-1k's 1000 words (the second column of
-    imagenet1k.txt) in the official order -> its WordNet ids; anything else unchanged."""
+    """names as the identity they stand for: when every name is the words of an ImageNet-1k
+    class (the second column of imagenet1k.txt, HF's label names), the WordNet ids, in the
+    names' order (the two classes both called 'crane' in the order they come); anything else
+    unchanged."""
     if names is None:
         return None
     names = list(names)
-    if len(names) == 1000 and names == [words for _, words in imagenet1k()]:
-        return imagenet1k_wnids()
-    return names
+    ids = {}
+    for wnid, words in imagenet1k():
+        ids.setdefault(words, []).append(wnid)
+    seen, out = {}, []
+    for name in names:
+        k = seen.get(name, 0)
+        if k >= len(ids.get(name, ())):
+            return names
+        out.append(ids[name][k])
+        seen[name] = k + 1
+    return out
 
 
 class ClassFileError(ValueError):

@@ -11,6 +11,7 @@ import paddle
 import paddle.distributed as dist
 
 import checkpoint
+import classnames
 import config as cfgmod
 import datasets
 import engine
@@ -43,6 +44,8 @@ def run(mode, argv=None):
     model = task.build_model()
     if config.MODEL.PRETRAINED:
         task.load_pretrained(model, config.MODEL.PRETRAINED, logger.info, eval_only=eval_only)
+    check_class_identity(config, task, val_loader, None if eval_only else train_loader,
+                         logger.info)
     if eval_only:
         engine.evaluate_only(task, model, val_loader, config, logger)
         return
@@ -52,11 +55,59 @@ def run(mode, argv=None):
     resumed = None
     if prefix:  # (a checkpoint that does not fit stops here, before anything is written)
         resumed = checkpoint.resume(prefix, model, optimizer, scaler)
+        same_classes(checkpoint.saved_meta(prefix + '.pdparams'), train_loader.dataset,
+                     f'{prefix}.pdparams (the run resumed)', 'the training data', logger.info)
         logger.info(f'resumed from {prefix}: epoch {resumed["epoch"]}, iteration '
                     f'{resumed["iter"]}')
+        if engine.finished(config, resumed, prefix, logger):
+            return
     logger.open(config)  # everything checked and built: the run folder starts here
     engine.fit(config, task, model, optimizer, train_loader, logger, val_loader=val_loader,
-               scaler=scaler, resumed=resumed)
+               scaler=scaler, resumed=resumed, resumed_from=prefix)
+
+
+def check_class_identity(config, task, val_loader, train_loader, log):
+    """Labels must mean the same classes in the weights and in the data (classnames.py):
+    -eval and fine-tuning from a classifier whose head is kept compare the names
+    MODEL.PRETRAINED carries with the data's; training compares its val set with its train
+    set. (Resuming compares the run's checkpoint with the training data, in run().)"""
+    datas = [(loader.dataset, what) for loader, what in
+             ((val_loader, 'the evaluation data'), (train_loader, 'the training data'))
+             if loader is not None]
+    weights = config.MODEL.PRETRAINED
+    if weights and task.best_metric is not None and config.MODEL.NUM_CLASSES:
+        meta = checkpoint.saved_meta(weights)
+        carried = (meta or {}).get('classes')
+        if train_loader is None or (carried and len(carried) == config.MODEL.NUM_CLASSES):
+            for dataset, what in datas:  # (-eval, or a head of the same size kept)
+                same_classes(meta, dataset, weights, what, log, config.MODEL.NUM_CLASSES)
+    if train_loader is not None and val_loader is not None:
+        same_classes({'classes': train_loader.dataset.classes}, val_loader.dataset,
+                     'the training data', 'the evaluation data', log)
+
+
+def same_classes(meta, dataset, expected_is, found_is, log, num_classes=None):
+    """UserError when dataset's class names mean other labels than meta['classes'] (a
+    checkpoint's META entry); a source whose labels follow its names (class folders) is
+    relabelled to them instead. One side naming no classes: go on, saying so -- unless the
+    data name fewer or more classes than the model's num_classes, which only names can map."""
+    expected, found = (meta or {}).get('classes'), dataset.classes
+    if not expected and found and num_classes and len(found) != num_classes:
+        raise UserError(f'{found_is} has {len(found)} classes ({", ".join(found[:3])}, ...), '
+                        f'the model {num_classes}, and {expected_is} names none: which of its '
+                        f'classes the data hold cannot be told')
+    if not expected or not found:
+        if expected or found:
+            log(f'note: {found_is if expected else expected_is} names no classes: its labels '
+                f'are taken to mean the classes of {expected_is if expected else found_is}')
+        return
+    problem = classnames.mismatch(expected, found, expected_is, found_is)
+    if problem is None:
+        return
+    if dataset.follow_classes(classnames.canonical(expected)):
+        log(f'the labels of {found_is} follow the {len(expected)} classes of {expected_is}')
+        return
+    raise UserError(f'{found_is} and {expected_is} do not mean the same classes: {problem}')
 
 
 def parse_args(stage, argv=None, can_eval=True):

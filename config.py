@@ -271,6 +271,40 @@ def _merge(node, updates, where, prefix=''):
         node[k] = v
 
 
+def load_yaml(stream, where):
+    """yaml.safe_load, except that a key written twice in one mapping (a section or a key
+    repeated in the same file) is a ConfigError naming `where`, the key and both lines: the
+    YAML loader would silently keep the second."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(node, where, prefix=''):
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, where, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen = {}
+    for key, value in node.value:
+        if key.tag == 'tag:yaml.org,2002:merge':  # '<<': YAML's own merge, overriding on purpose
+            continue
+        name = prefix + str(key.value)
+        line = key.start_mark.line + 1
+        if name in seen:
+            raise ConfigError(f'{where}: {name} is written twice (lines {seen[name]} and {line});'
+                              f' YAML would keep only the second: merge them into one')
+        seen[name] = line
+        _check_unique_keys(value, where, name + '.')
+
+
 def _read_yaml(path, chain=()):
     """-> list of (file, dict) in merge order: bases first (recursively), then the file itself."""
     path = os.path.abspath(path)
@@ -281,7 +315,7 @@ def _read_yaml(path, chain=()):
                           (f' (a BASE of {chain[-1]})' if chain else ''))
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f, path) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         line = f' line {mark.line + 1}' if mark is not None else ''
@@ -313,7 +347,7 @@ def from_text(text, where):
     """Defaults merged with a resolved config's YAML text (e.g. the one a checkpoint carries)."""
     config = _C.clone()
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text, where) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f'{where}: not valid YAML ({e})') from None
     data.pop('BASE', None)
@@ -370,6 +404,11 @@ def update_config(config, args):
 def dump_config(config, path):
     """Write the resolved config as YAML (temporary name, then rename)."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config.dump())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(config.dump())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: nothing half-written is left)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -28,6 +28,7 @@ Samples are (image, label, sample id): the id is the sample's identity in its da
 (here its index in the list or folder), so that what belongs to a sample -- its augmentation
 seed, its pre-training mask (tasks.masking_noise) -- follows it into any batch on any process.
 """
+import codecs
 import gc
 import itertools
 import logging
@@ -36,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import traceback
+from array import array
 
 import numpy as np
 import paddle
@@ -43,6 +45,7 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from paddle.io.dataloader.collate import default_collate_fn
 from PIL import Image, ImageOps
 
+import classnames
 import utils
 
 logger = logging.getLogger(__name__)
@@ -140,6 +143,9 @@ class DataSource:
                     (image, label map, id); the task asks the factory for its kind
       len(source)   samples in one pass
       classes       class names, label i = classes[i] (saved with checkpoints), or None
+      follow_classes(names)   relabel to another list of names when the labels come from the
+                    names (class folders): True if done; False (the default) when the labels
+                    are the data's own numbers, which only a matching list of names can confirm
       collate_fn    how a batch is made from samples; None: Paddle's default collate
       streamed      False: map-style, indexed by the loader's samplers; True: iterable, it
                     plans its own batches (configure, num_batches, set_epoch, batch_size)
@@ -186,6 +192,9 @@ class DataSource:
 
     def plan(self):
         return None
+
+    def follow_classes(self, names):
+        return False
 
     def set_augment_seed(self, seed, epoch):
         """Training: the transform of sample i draws from RNGs seeded with (seed, epoch, i)."""
@@ -307,6 +316,13 @@ class ImageDataset(DataSource, Dataset):
             self.record_error(e)
             return self._placeholder(index)
 
+    def read_error(self, index, exc):
+        """The error for sample `index` whose image could not be read (exc), under
+        DATA.ON_BAD_IMAGE 'error': BadImageError offering 'skip'; a source that can tell a
+        mistake skipping would hide (a wrong path prefix) gives a DataError without it."""
+        return BadImageError(f'cannot read image {self.describe(index)}: {explain(exc)}. Fix or '
+                             f'remove it, or set DATA.ON_BAD_IMAGE skip to skip unreadable images')
+
     def _load_sample(self, index):
         n = len(self)
         for attempt in range(min(n, MAX_BAD_IN_A_ROW)):
@@ -315,9 +331,7 @@ class ImageDataset(DataSource, Dataset):
                 img = self.read_image(i)
             except Exception as e:
                 if self.on_bad_image == 'error':
-                    raise BadImageError(
-                        f'cannot read image {self.describe(i)}: {explain(e)}. Fix or remove it, '
-                        f'or set DATA.ON_BAD_IMAGE skip to skip unreadable images') from None
+                    raise self.read_error(i, e) from None
                 self.count_skipped(self.describe(i), e)
                 continue
             label = self.labels[i]
@@ -334,7 +348,8 @@ class ImageListDataset(ImageDataset):
     Paths are relative to `root` and contain no whitespace; blank lines and lines starting with
     '#' are ignored. require_labels: every line needs an integer label (fine-tuning, linear
     probing, evaluation); otherwise a missing label becomes IGNORE_LABEL. num_classes: labels
-    must be in [0, num_classes). A malformed line raises DataError naming the file and line.
+    must be in [0, num_classes). A malformed line raises DataError naming the file and line, a
+    path listed twice one giving the count and the lines of the first repeat (list_lines).
     """
 
     def __init__(self, root, list_file, transform=None, require_labels=True, num_classes=None,
@@ -351,8 +366,10 @@ class ImageListDataset(ImageDataset):
         list_file, _ = list_file_of(config, is_train)
         if not config.DATA.DATA_PATH or not os.path.isfile(list_file):
             return None
-        return cls(config.DATA.DATA_PATH, list_file,
-                   **source_args(config, is_train, transform, need_labels))
+        dataset = cls(config.DATA.DATA_PATH, list_file,
+                      **source_args(config, is_train, transform, need_labels))
+        dataset.classes = listed_classes(os.path.dirname(list_file))
+        return dataset
 
     @classmethod
     def expected(cls, config, is_train):
@@ -362,7 +379,7 @@ class ImageListDataset(ImageDataset):
     @staticmethod
     def _read(list_file, root, require_labels, num_classes):
         paths, labels, line_numbers = [], [], []
-        for lineno, where, line, parts in list_lines(list_file, 'image list'):
+        for lineno, where, line, parts in list_lines(list_file, 'image list', unique=True):
             if len(parts) > 2:
                 raise DataError(f"{where}: expected 'relative/path [label]' (no spaces in "
                                 f"the path), got {line!r}")
@@ -391,22 +408,82 @@ class ImageListDataset(ImageDataset):
     def describe(self, index):
         return f'{self.path(index)} ({self.list_file} line {self._line_numbers[index]})'
 
+    PROBES = 16  # other listed images looked for when one is missing
 
-def list_lines(list_file, what='list file'):
+    def read_error(self, index, exc):
+        """A missing image while none of PROBES other listed images exists either is a list
+        whose paths do not lead into DATA_PATH (a wrong prefix): skipping would skip them
+        all, so no skip is offered."""
+        n = len(self)
+        others = [int(i) for i in np.unique(np.linspace(0, n - 1, self.PROBES + 1).astype(int))
+                  if i != index][:self.PROBES]
+        if not isinstance(exc, FileNotFoundError) or not others or \
+                any(os.path.exists(self.path(i)) for i in others):
+            return super().read_error(index, exc)
+        return DataError(f'image not found: {self.describe(index)}, and none of {len(others)} '
+                         f'other listed images tried exists either (e.g. '
+                         f'{self.path(others[-1])}): the paths in {self.list_file} do not lead '
+                         f'to images under {self.root} (DATA.DATA_PATH); is it the folder they '
+                         f'are relative to, and is their prefix right?')
+
+
+def list_lines(list_file, what='list file', unique=False):
     """The lines of a list file that hold something -> (line number, 'FILE line N', the line,
-    its whitespace-separated parts); blank lines and '#' comments skipped. DataError for a
-    missing file or a line that is not UTF-8."""
+    its whitespace-separated parts); blank lines and '#' comments skipped, a UTF-8 byte order
+    mark at the start ignored. DataError for a missing file, a line that is not UTF-8, or
+    (unique, once every line was given) a first part (the path) on more than one line."""
     if not os.path.isfile(list_file):
         raise DataError(f'{what} not found: {list_file}')
+    hashes, numbers = array('q'), array('q')  # of each line's path: duplicates are found after
     with open(list_file, 'rb') as f:
         for lineno, raw in enumerate(f, 1):
             where = f'{list_file} line {lineno}'
-            try:
-                line = raw.decode('utf-8').strip()
-            except UnicodeDecodeError:
-                raise DataError(f'{where}: not UTF-8 text') from None
+            line = _decoded(raw, lineno, where)
             if line and not line.startswith('#'):
-                yield lineno, where, line, line.split()
+                parts = line.split()
+                if unique:
+                    hashes.append(hash(os.path.normpath(parts[0])))
+                    numbers.append(lineno)
+                yield lineno, where, line, parts
+    if unique:
+        _refuse_duplicates(list_file, hashes, numbers)
+
+
+def _decoded(raw, lineno, where):
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # (Windows editors write one)
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode('utf-8').strip()
+    except UnicodeDecodeError:
+        raise DataError(f'{where}: not UTF-8 text') from None
+
+
+def _refuse_duplicates(list_file, hashes, numbers):
+    """DataError when a path is listed on more than one line (the count, and the line numbers
+    of the first repeat): training would see those images more often, evaluation count them
+    twice. Paths are compared by hash, then the lines that share one are read again."""
+    h = np.frombuffer(hashes, np.int64) if len(hashes) else np.zeros(0, np.int64)
+    order = np.argsort(h, kind='stable')
+    same = h[order][1:] == h[order][:-1]
+    if not same.any():
+        return
+    shared = np.zeros(len(h), bool)
+    shared[order[1:][same]] = shared[order[:-1][same]] = True
+    wanted = set(np.frombuffer(numbers, np.int64)[shared].tolist())
+    first, repeats = {}, []
+    with open(list_file, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno in wanted:
+                path = os.path.normpath(_decoded(raw, lineno, '').split()[0])
+                if path in first:
+                    repeats.append((lineno, path))
+                else:
+                    first[path] = lineno
+    if repeats:
+        lineno, path = repeats[0]
+        raise DataError(f'{list_file}: {len(repeats)} duplicate line(s), an image listed more '
+                        f'than once; the first: {path} on lines {first[path]} and {lineno}. '
+                        f'List each image once')
 
 
 class ImageFolderDataset(ImageDataset):
@@ -451,7 +528,10 @@ class ImageFolderDataset(ImageDataset):
         if unknown:
             raise DataError(f'{os.path.join(root, unknown[0])}: a class folder the training set '
                             f'does not have (its classes: {_names(self.classes)})')
-        if self.classes and num_classes is not None and len(self.classes) != num_classes:
+        # evaluation may hold some of the classes: cli.same_classes labels them by name
+        if self.classes and num_classes is not None and (
+                len(self.classes) > num_classes or
+                (len(self.classes) < num_classes and not mark_skipped)):
             raise DataError(f'{root} has {len(self.classes)} class folders '
                             f'({_names(self.classes)}) but MODEL.NUM_CLASSES is {num_classes}: '
                             f'set -opts MODEL.NUM_CLASSES {len(self.classes)}')
@@ -470,6 +550,30 @@ class ImageFolderDataset(ImageDataset):
         if not paths:
             raise DataError(f'{root}: no image files ({", ".join(IMG_EXTENSIONS)}) found')
         super().__init__(paths, labels, transform, on_bad_image, mark_skipped)
+
+
+    def follow_classes(self, names):
+        """The labels of the class folders as indices in `names` (a checkpoint's classes),
+        when every folder is one of them (evaluating on some of a model's classes)."""
+        names = list(names)
+        if not self.classes or not set(self.classes) <= set(names):
+            return False
+        table = np.array([names.index(c) for c in self.classes], np.int64)
+        known = self.labels >= 0
+        self.labels[known] = table[self.labels[known]]
+        self.classes = names
+        return True
+
+
+def listed_classes(folder):
+    """The names in folder/classes.txt (classnames.py), or None without one."""
+    path = os.path.join(folder, classnames.CLASSES_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return classnames.read_classes(path)
+    except classnames.ClassFileError as e:
+        raise DataError(str(e)) from None
 
 
 def class_folders(root):

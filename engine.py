@@ -24,8 +24,9 @@ class NonFiniteLoss(utils.UserError):
 
 class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during fit(): remembered, not
-    acted on at once, so the loop can finish the optimizer step it is in, save and stop.
-    requested() agrees over all processes (an all-reduce), so they stop at the same step."""
+    acted on at once, so the loop can finish the optimizer step (or the validation batch) it is
+    in, save and stop. requested() agrees over all processes (an all-reduce), so they stop at
+    the same step; `signum` is this process's own note (read without a collective)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -167,23 +168,28 @@ def _hms(seconds):
 
 
 def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, scaler=None,
-        resumed=None):
+        resumed=None, resumed_from=None):
     """The epoch loop all tasks share: train, validate, log, checkpoint; from the training
-    state `resumed` (checkpoint.resume's, already loaded into model / optimizer / scaler) or
-    from the start.
+    state `resumed` (checkpoint.resume's, already loaded into model / optimizer / scaler; read
+    from the checkpoint prefix `resumed_from`) or from the start.
 
     log.txt gets one JSON object per epoch (with the task's metrics when it validates);
     latest.* is written after every epoch (and every SAVE_FREQ_ITERS iterations),
     epoch_{N}.pdparams after epoch N (N as in log.txt) every SAVE_FREQ epochs and at the end,
-    best.pdparams whenever the task's best_metric reaches a new best. Ends with a summary.
-    Returns the best value of the task's best_metric (None when it does not evaluate).
+    best.pdparams whenever the task's best_metric reaches a new best. SIGINT / SIGTERM during a
+    validation stops it: the checkpoint then holds the trained epoch with its validation to
+    do ('pending_validation': the epoch's record), which a resume does first. Ends with a
+    summary. Returns the best value of the task's best_metric (None when it does not
+    evaluate).
     """
     world = dist.get_world_size()
     peak = optim.peak_lr(config, world)
     start_epoch, start_iter = (resumed['epoch'], resumed['iter']) if resumed else (0, 0)
+    pending = (resumed or {}).get('pending_validation')
     best = Best(task.best_metric, resumed)
+    checkpoint.remove_temporary(config.OUTPUT)  # what a save cut short (disk full, kill) left
     if resumed:
-        logger.truncate(start_epoch)
+        logger.truncate(start_epoch - 1 if pending else start_epoch)
     model, optimizer = prepare_amp(config, model, optimizer)
     net = model
     if world > 1:
@@ -192,14 +198,48 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 f'accum {config.TRAIN.ACCUM_ITER} = effective batch '
                 f'{optim.effective_batch(config, world)}, peak lr {peak:.3e}, '
                 f'{len(train_loader)} iterations/epoch')
+    logger.info('data: ' + ', '.join(
+        f'{what} {len(loader.dataset)} images ({_origin(loader.dataset)})'
+        for what, loader in (('train', train_loader), ('val', val_loader)) if loader is not None))
     meta = checkpoint.run_meta(config, train_loader.dataset.classes)
     plan = _data_plan(train_loader.dataset, resumed, start_epoch, start_iter, logger)
 
-    def save(epoch, next_iter, copies=()):
+    def save(epoch, next_iter, copies=(), pending=None):
         state = {'epoch': epoch, 'iter': next_iter, 'data_plan': plan, **best.state()}
+        if pending is not None:
+            state['pending_validation'] = pending
         checkpoint.save_checkpoint(config.OUTPUT, net, optimizer, state, scaler, copies, meta)
 
+    def end_epoch(epoch, record, started):
+        """Validate (when due), log, checkpoint: the end of a trained epoch. A stop requested
+        during the validation saves the epoch with its validation pending and raises."""
+        last = epoch + 1 == config.TRAIN.NUM_EPOCHS
+        copies = []
+        if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
+            logger.info(f'epoch {epoch} val: validating {len(val_loader.dataset)} images')
+            metrics = task.evaluate(model, _Progress(val_loader, logger, f'epoch {epoch} val',
+                                                     stop=stop, final=False))
+            if stop.requested():  # (the metrics of a validation cut short are dropped)
+                save(epoch + 1, 0, pending=dict(record, epoch_time_s=time.time() - started))
+                raise _stopped(stop, config, f'the validation after epoch {epoch} (cut short: it '
+                                             f'runs again on resume)')
+            if best.update(metrics, epoch):
+                copies.append('best')
+            record.update({k: v for k, v in metrics.items() if k != 'n'})
+            logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
+                        f'(best {task.best_metric} {best.value:.2f})')
+        record['epoch_time_s'] = round(time.time() - started, 1)
+        logger.epoch(record)
+        if (epoch + 1) % config.SAVE_FREQ == 0 or last:
+            copies.append(f'epoch_{epoch}')
+        save(epoch + 1, 0, copies)
+        if not last and stop.requested():
+            raise _stopped(stop, config, f'the end of epoch {epoch}')
+
     with StopRequests() as stop:
+        if pending:  # trained before a stop cut its validation short: validate it now
+            record = dict(pending)
+            end_epoch(start_epoch - 1, record, time.time() - record.pop('epoch_time_s', 0))
         for epoch in range(start_epoch, config.TRAIN.NUM_EPOCHS):
             start = time.time()
             train_loader.set_epoch(epoch, start_iter)
@@ -207,25 +247,41 @@ def fit(config, task, model, optimizer, train_loader, logger, val_loader=None, s
                 task, model, train_loader, optimizer, epoch, config, logger, peak,
                 scaler=scaler, start_iter=start_iter, save_fn=save, stop=stop)}
             start_iter = 0
-            last = epoch + 1 == config.TRAIN.NUM_EPOCHS
-            copies = []
-            if val_loader is not None and ((epoch + 1) % config.VALIDATE_FREQ == 0 or last):
-                metrics = task.evaluate(model, val_loader)
-                if best.update(metrics, epoch):
-                    copies.append('best')
-                record.update({k: v for k, v in metrics.items() if k != 'n'})
-                logger.info(f'epoch {epoch} val: {task.describe(metrics)} '
-                            f'(best {task.best_metric} {best.value:.2f})')
-            record['epoch_time_s'] = round(time.time() - start, 1)
-            logger.epoch(record)
-            if (epoch + 1) % config.SAVE_FREQ == 0 or last:
-                copies.append(f'epoch_{epoch}')
-            save(epoch + 1, 0, copies)
-            if not last and stop.requested():
-                raise _stopped(stop, config, f'the end of epoch {epoch}')
-    _summary(config, task, best, logger)
+            end_epoch(epoch, record, start)
+    _summary(config, task, best, logger, resumed_from)
     logger.close()
     return best.value
+
+
+def _origin(dataset):
+    """Where a data source reads from, for the log: its list file, shards or folder."""
+    shards = getattr(dataset, 'shards', None)
+    if shards:
+        return f'{len(shards)} shard(s): {shards[0]}' + (' ...' if len(shards) > 1 else '')
+    return getattr(dataset, 'list_file', None) or getattr(dataset, 'root', None) or \
+        type(dataset).__name__
+
+
+def finished(config, resumed, prefix, logger):
+    """A resume of a run that has nothing left to train (every epoch of TRAIN.NUM_EPOCHS done,
+    no validation pending): says so, naming the run's checkpoints, and returns True (nothing
+    is written); else False."""
+    if not resumed or resumed['epoch'] < config.TRAIN.NUM_EPOCHS or resumed['iter'] or \
+            resumed.get('pending_validation'):
+        return False
+    folder = os.path.dirname(prefix) or '.'
+    files = [f for f in ('latest.pdparams (+ .pdopt)', 'best.pdparams') if os.path.isfile(
+        os.path.join(folder, f.split()[0]))] + _epoch_copies(folder)
+    value = resumed.get('best', resumed.get('best_acc1'))
+    best = (f'; best {resumed.get("best_metric") or "val_acc1"} {value:.2f} after epoch '
+            f'{resumed.get("best_epoch")}' if value is not None else '')
+    same = os.path.abspath(folder) == os.path.abspath(config.OUTPUT)
+    logger.info(f'nothing to train: {prefix} ends a finished run ({resumed["epoch"]} of '
+                f'TRAIN.NUM_EPOCHS {config.TRAIN.NUM_EPOCHS} epochs){best}; its checkpoints in '
+                f'{folder}: {", ".join(files)}; nothing was written'
+                f'{"" if same else " to " + config.OUTPUT} (to train longer, raise '
+                f'TRAIN.NUM_EPOCHS)')
+    return True
 
 
 class Best:
@@ -263,16 +319,26 @@ def _data_plan(dataset, resumed, start_epoch, start_iter, logger):
     return plan
 
 
-def _summary(config, task, best, logger):
-    """The end of a run: where its checkpoints are, and the best metric with its epoch."""
+def _epoch_copies(folder):
+    """The epoch_{N}.pdparams of a run folder, in epoch order."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((f for f in names if f.startswith('epoch_') and f.endswith('.pdparams')),
+                  key=lambda f: int(f[6:].split('.')[0]))
+
+
+def _summary(config, task, best, logger, resumed_from=None):
+    """The end of a run: where its checkpoints are, and the best metric with its epoch (its
+    weights in the run resumed from when no new best came after the resume)."""
     out = config.OUTPUT
-    copies = sorted((f for f in os.listdir(out) if f.startswith('epoch_')),
-                    key=lambda f: int(f[6:].split('.')[0])) if os.path.isdir(out) else []
+    copies = _epoch_copies(out)
     lines = [f'done: {config.TRAIN.NUM_EPOCHS} epochs; last checkpoint {out}/latest.pdparams'
              f' (+ .pdopt)']
     if best.value is not None:
-        lines.append(f'best {task.best_metric} {best.value:.2f} after epoch {best.epoch}: '
-                     f'{out}/best.pdparams')
+        where = [os.path.join(d, 'best.pdparams') for d in
+                 [out] + ([os.path.dirname(resumed_from) or '.'] if resumed_from else [])]
+        where = [w for w in where if os.path.isfile(w)][:1]
+        lines.append(f'best {task.best_metric} {best.value:.2f} after epoch {best.epoch}'
+                     + (f': {where[0]}' if where else ''))
     if copies:
         lines.append(f'kept: {", ".join(copies)}; log: {out}/log.txt')
     logger.info('; '.join(lines))
@@ -291,22 +357,44 @@ def build_scaler(config):
     return None
 
 
-class _Progress:
-    """Iterates a loader, logging 'what [i/n]' about ten times along the way."""
+PROGRESS_SECONDS = 5.0  # evaluation: a progress line at most this often
 
-    def __init__(self, loader, logger, what):
+
+class _Progress:
+    """Iterates a loader, logging 'what [batch/batches] images, img/s, eta' after the first
+    batch, then every PROGRESS_SECONDS (and after the last batch when final). stop
+    (StopRequests): once a signal was noted in this process, the iteration ends after the
+    batch in hand (no collective here: processes may hold different numbers of batches)."""
+
+    def __init__(self, loader, logger, what, stop=None, final=True):
         self.loader, self.logger, self.what = loader, logger, what
+        self.stop, self.final = stop, final
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         n = len(self.loader)
-        every = max(n // 10, 1)
-        for i, batch in enumerate(self.loader, 1):
-            yield batch
-            if i % every == 0 or i == n:
-                self.logger.info(f'{self.what} [{i}/{n}]')
+        start = last = time.time()
+        images = 0
+        batches = iter(self.loader)
+        try:
+            for i, batch in enumerate(batches, 1):
+                images += len(batch[0])
+                yield batch
+                now = time.time()
+                if i == 1 or now - last >= PROGRESS_SECONDS or (self.final and i == n):
+                    last = now
+                    rate = images / max(now - start, 1e-9)
+                    eta = (now - start) / i * (n - i)
+                    self.logger.info(f'{self.what} [{i}/{n}] {images} images, {rate:.1f} img/s,'
+                                     f' eta {_hms(eta)}')
+                if self.stop is not None and self.stop.signum:
+                    return
+        finally:
+            close = getattr(batches, 'close', None)
+            if close is not None:  # (a loader's workers stop now, not when collected)
+                close()
 
 
 def evaluate_only(task, model, val_loader, config, logger):
@@ -314,6 +402,7 @@ def evaluate_only(task, model, val_loader, config, logger):
     process), which holds nothing else: progress and logs go to stderr."""
     if not config.MODEL.PRETRAINED:
         raise utils.UserError('-eval needs the weights to evaluate: -pretrained FILE.pdparams')
+    logger.info(f'eval: {len(val_loader.dataset)} images ({_origin(val_loader.dataset)})')
     result = task.evaluate(model, _Progress(val_loader, logger, 'eval'))
     if utils.is_main_process():
         print(json.dumps(result), flush=True)

@@ -40,7 +40,6 @@ try:  # optional: only this source needs it (a missing one is one line when it i
 except ImportError:
     pa = pq = None
 
-import classnames
 import datasets
 from datasets import DataError
 
@@ -135,13 +134,7 @@ def class_names(first_file, schema, label_column, root):
                 not folder.startswith(top):
             break
         folder = os.path.dirname(folder)
-    listed = os.path.join(os.path.dirname(os.path.abspath(first_file)), classnames.CLASSES_FILE)
-    if os.path.isfile(listed):
-        try:
-            return classnames.read_classes(listed)
-        except classnames.ClassFileError as e:
-            raise DataError(str(e)) from None
-    return None
+    return datasets.listed_classes(os.path.dirname(os.path.abspath(first_file)))
 
 
 # ------------------------------------------------------------------------------ row groups

@@ -242,7 +242,7 @@ def read_pair_list(list_file, root):
     """`image_path annotation_path` lines -> (image paths, annotation paths, line numbers),
     paths joined to root. DataError naming the file and line for a malformed line."""
     images, annotations, line_numbers = [], [], []
-    for lineno, where, line, parts in list_lines(list_file):
+    for lineno, where, line, parts in list_lines(list_file, unique=True):
         if len(parts) != 2:
             raise DataError(f"{where}: expected 'image_path annotation_path' (two paths "
                             f"relative to DATA.DATA_PATH, no spaces in them), got {line!r}")

@@ -4,9 +4,12 @@ Importing this module only defines things; process set-up (threads, MKL path, ma
 flags) is runtime.setup_process(), which entry points call first.
 """
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import random
+import signal
 import sys
 import time
 import zlib
@@ -31,9 +34,34 @@ class Stopped(Exception):
         self.signum = signum
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (set-up, -eval), raised where the process is (a
+    BaseException, like KeyboardInterrupt, so no `except Exception` takes it for an error)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# OSError numbers of a write that found no room: disk full, quota, file size limit
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def no_space(exc):
+    """Whether exc is an OSError of a write that found no room (NO_SPACE)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def run_main(main):
-    """Run an entry point: a user's mistake prints one 'error: ...' line and exits 2; a run
-    stopped by SIGINT / SIGTERM prints how to go on and exits 130 / 143, without a traceback."""
+    """Run an entry point: a user's mistake prints one 'error: ...' line and exits 2, so does a
+    write that finds the disk full; a run stopped by SIGINT / SIGTERM prints how to go on and
+    exits 130 / 143, without a traceback. SIGTERM outside the training loop (whose handler
+    saves first) stops the process at once, instead of Paddle's handler and its stack dump."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except (UserError, ConfigError) as e:
@@ -42,10 +70,25 @@ def run_main(main):
     except Stopped as e:
         print(f'stopped: {e}', file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
+    except Terminated as e:
+        print(f'stopped: {e} (terminated); what was saved before stays (-resume auto goes on '
+              f'from the last checkpoint of a training run)', file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (set-up, -eval)
         print('stopped: interrupted (Ctrl-C); what was saved before stays (-resume auto goes on '
               'from the last checkpoint of a training run)', file=sys.stderr, flush=True)
         sys.exit(130)
+    except OSError as e:
+        if not no_space(e):
+            raise
+        where = f' {e.filename}' if e.filename else ''
+        print(f'error: cannot write{where}: {e.strerror} (disk full, quota or file size limit); '
+              f'free some space, then go on with the same command and -resume auto',
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if previous is not None:  # (None: a handler not installed from Python)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def die_with_parent():
@@ -53,8 +96,6 @@ def die_with_parent():
     loader worker does not outlive a training process killed with -9. Elsewhere: nothing."""
     if not sys.platform.startswith('linux'):
         return
-    import ctypes
-    import signal
     try:
         ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -257,9 +298,14 @@ class Logger:
         with open(path) as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get('epoch', -1) < first_epoch]
         tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, 'w') as f:
+                f.writelines(lines)
+            os.replace(tmp, path)
+        except BaseException:  # (a full disk: nothing half-written is left)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def close(self):
         if self.vdl is not None:

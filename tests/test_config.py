@@ -150,6 +150,30 @@ def test_bad_yaml_names_line(tmp_path):
         cfgmod.get_config(f)
 
 
+def test_a_key_written_twice_names_file_key_and_both_lines(tmp_path):
+    """A section or a key repeated in one file is an error (YAML keeps the second silently);
+    the same key in a BASE and in the file inheriting from it is inheritance, not an error."""
+    f = write(tmp_path, 'a.yaml', 'DATA:\n  BATCH_SIZE: 8\nTRAIN:\n  NUM_EPOCHS: 3\n'
+                                  'DATA:\n  NUM_WORKERS: 0\n')
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.get_config(f)
+    assert str(e.value) == (f'{f}: DATA is written twice (lines 1 and 5); YAML would keep only '
+                            f'the second: merge them into one')
+    f = write(tmp_path, 'b.yaml', 'TRAIN:\n  BASE_LR: 0.1\n  OPTIMIZER:\n    NAME: LARS\n'
+                                  '  BASE_LR: 0.2\n')
+    with pytest.raises(cfgmod.ConfigError, match=r'b\.yaml: TRAIN\.BASE_LR is written twice '
+                                                 r'\(lines 2 and 5\)'):
+        cfgmod.get_config(f)
+    write(tmp_path, 'base.yaml', 'TRAIN:\n  NUM_EPOCHS: 3\n')
+    f = write(tmp_path, 'c.yaml', "BASE: ['base.yaml']\nTRAIN:\n  NUM_EPOCHS: 4\n"
+                                  "DATA:\n  MEAN: [0.5, 0.5, 0.5]\n  STD: [0.5, 0.5, 0.5]\n")
+    assert cfgmod.get_config(f).TRAIN.NUM_EPOCHS == 4
+    with pytest.raises(cfgmod.ConfigError, match=r'in the checkpoint: MODEL\.NAME is written '
+                                                 r'twice \(lines 2 and 3\)'):
+        cfgmod.from_text('MODEL:\n  NAME: vit_custom\n  NAME: mae_vit_custom\n',
+                         'in the checkpoint')
+
+
 def test_flags_and_opts():
     c = load('tiny_finetune')
     args = argparse.Namespace(data_path='/data/x', output='out', batch_size=8, pretrained=None,

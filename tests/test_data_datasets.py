@@ -80,6 +80,63 @@ def test_non_utf8_empty_and_missing_lists(tmp_path):
         datasets.ImageListDataset('/d', str(tmp_path / 'nope.txt'))
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
+    (tmp_path / 'l.txt').write_bytes(b'\xef\xbb\xbfa/x.jpg 0\nb.jpg 1\n')
+    ds = datasets.ImageListDataset('/data', str(tmp_path / 'l.txt'), num_classes=2)
+    assert [ds.path(i) for i in range(2)] == ['/data/a/x.jpg', '/data/b.jpg']
+    (tmp_path / 'm.txt').write_bytes(b'\xef\xbb\xbf# a comment first\nb.jpg 1\n')
+    assert len(datasets.ImageListDataset('/data', str(tmp_path / 'm.txt'))) == 1
+
+
+def test_duplicate_paths_are_refused_with_count_and_lines(tmp_path):
+    path = H.write_list(tmp_path / 'train_list.txt', [
+        'a.jpg 0', 'b.jpg 1', '# c.jpg 1', 'c.jpg 1', './b.jpg 2', 'd.jpg 0', 'c.jpg 1',
+        'b.jpg 1'])
+    with pytest.raises(DataError) as e:
+        datasets.ImageListDataset('/d', str(path), num_classes=3)
+    assert str(e.value) == (f'{path}: 3 duplicate line(s), an image listed more than once; the '
+                            f'first: b.jpg on lines 2 and 5. List each image once')
+    assert 'ON_BAD_IMAGE' not in str(e.value)
+    many = H.write_list(tmp_path / 'many.txt', [f'img/{i}.png {i % 7}' for i in range(5000)])
+    assert len(datasets.ImageListDataset('/d', str(many), num_classes=7)) == 5000
+
+
+@pytest.mark.parametrize('lines,fragment', [
+    (['img/good_0.png 0', 'img/good_1.png 3'], 'label 3 is outside 0..2'),
+    (['img/good_0.png 0', 'img/good 1.png 1'], 'no spaces in the path'),
+    (['img/good_0.png 0', 'img/good_0.png 1'], 'duplicate line'),
+])
+def test_skip_is_offered_for_unreadable_images_only(tmp_path, lines, fragment):
+    """Skipping would not help a mistake in the list: the message does not offer it."""
+    root, _ = make_root(tmp_path, n_good=2)
+    H.write_list(tmp_path / 'train_list.txt', lines)
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, MODEL__NUM_CLASSES=3)
+    with pytest.raises(DataError) as e:
+        sources.build_dataset(cfg, True)
+    assert fragment in str(e.value) and 'ON_BAD_IMAGE' not in str(e.value)
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=root, DATA__TRAIN_LIST='nope.txt')
+    with pytest.raises(DataError) as e:
+        sources.build_dataset(cfg, True)
+    assert 'nope.txt' in str(e.value) and 'ON_BAD_IMAGE' not in str(e.value)
+
+
+def test_a_wrong_path_prefix_is_named_not_offered_to_skip(tmp_path):
+    root, rel = make_root(tmp_path, n_good=5)
+    path = H.write_list(tmp_path / 'train_list.txt', [f'data/{p} 0' for p in rel])
+    cfg = H.tiny_config('finetune', DATA__DATA_PATH=root)
+    ds = sources.build_dataset(cfg, True)
+    with pytest.raises(DataError) as e:
+        ds[2]
+    assert str(e.value).startswith(f'image not found: {root}/data/img/good_2.png ({path} line 3),'
+                                   f' and none of 4 other listed images tried exists either')
+    assert f'do not lead to images under {root} (DATA.DATA_PATH)' in str(e.value)
+    assert not isinstance(e.value, BadImageError) and 'ON_BAD_IMAGE' not in str(e.value)
+    os.remove(tmp_path / 'img' / 'good_2.png')  # one image missing among others: skip offered
+    H.write_list(tmp_path / 'train_list.txt', [f'{p} 0' for p in rel])
+    with pytest.raises(BadImageError, match='or set DATA.ON_BAD_IMAGE skip'):
+        sources.build_dataset(cfg, True)[2]
+
+
 # ---------------------------------------------------------------------- folders, build_dataset
 
 def test_class_folders(tmp_path):

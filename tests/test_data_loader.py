@@ -1,5 +1,6 @@
 """Samplers and loaders: 2-process coverage, epoch-seeded order, reproducible worker seeding,
 per-sample masks."""
+import os
 import types
 
 import numpy as np
@@ -123,11 +124,14 @@ def test_train_loader_needs_a_full_batch(tmp_path):
 
 
 def _photo_list(tmp_path, n, name='chelsea.png'):
-    """n copies of one photograph listed with labels 0..n-1."""
+    """n names (hard links) of one photograph listed with labels 0..n-1 (a list names each
+    file once)."""
     path = tmp_path / 'same.png'
     H.photo(name, (80, 60)).save(path)
-    H.write_list(tmp_path / 'train_list.txt', [f'same.png {i}' for i in range(n)])
-    H.write_list(tmp_path / 'val_list.txt', [f'same.png {i}' for i in range(n)])
+    for i in range(n):
+        os.link(path, tmp_path / f'same_{i}.png')
+    H.write_list(tmp_path / 'train_list.txt', [f'same_{i}.png {i}' for i in range(n)])
+    H.write_list(tmp_path / 'val_list.txt', [f'same_{i}.png {i}' for i in range(n)])
     return str(tmp_path), str(path)
 
 

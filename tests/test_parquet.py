@@ -7,6 +7,7 @@ ILSVRC/imagenet-1k does, which must mean the same classes as the ids."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -91,6 +92,7 @@ def imagenet(tmp_path_factory):
                     info = tarfile.TarInfo(f'{s:02d}{i:04d}.{ext}')
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+    shutil.copytree(folders / 'val', root / 'subset' / 'val')  # 4 of the 1000, no train/
     (root / 'hf' / 'data').mkdir(parents=True)
     for s, part in enumerate((rows[:7], rows[7:])):
         write_parquet(str(root / 'hf' / 'data' / f'validation-0000{s}-of-00002.parquet'), part)
@@ -214,8 +216,9 @@ def classifier(imagenet):
 @pytest.mark.slow
 def test_eval_is_the_same_through_every_source(imagenet, classifier, tmp_path):
     """-eval of one model over the same images through list files (prepare_imagenet.py), class
-    folders, tar shards and parquet: the same accuracy, loss and count, with 1 and 2 processes
-    and 0 and 2 loader workers."""
+    folders (also just the 4 classes there are, labelled by the names the model carries), tar
+    shards and parquet: the same accuracy, loss and count, with 1 and 2 processes and 0 and 2
+    loader workers."""
     root, _ = imagenet
     ckpt = classifier
 
@@ -240,6 +243,7 @@ def test_eval_is_the_same_through_every_source(imagenet, classifier, tmp_path):
     assert ref['n'] == 16
     hf = ('DATA.VAL_PARQUET', 'data/validation-*.parquet')
     runs = {'folders, 2 workers': evaluate(root / 'folders', workers=2),
+            'folders of 4 classes': evaluate(root / 'subset'),
             'shards': evaluate(root, 'DATA.VAL_SHARDS', 'shards/val-{0..1}.tar'),
             'parquet': evaluate(root / 'hf', *hf),
             'parquet, 2 workers': evaluate(root / 'hf', *hf, workers=2),
@@ -298,3 +302,99 @@ def test_user_mistakes_are_one_line(imagenet, classifier, tmp_path):
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
         assert any(x.startswith('error: ' + start) or x.startswith(start) for x in lines), \
             r.stderr
+
+
+# ------------------------------------------------------------------------- class identity
+
+def test_labels_are_compared_by_name(tmp_path):
+    """cli.same_classes: equal names (ImageNet words = WordNet ids) go; class folders that are
+    some of the checkpoint's classes are relabelled to its order; names of another order or
+    spelling are one line; one side without names goes on, with a note."""
+    import cli  # (the entry points' module: imported here so the data tests need no model)
+    notes = []
+    for name in ('zebra', 'ant'):
+        d = tmp_path / 'val' / name
+        d.mkdir(parents=True)
+        H.noise_image(8, 8).save(d / 'a.png')
+    folders = datasets.ImageFolderDataset(str(tmp_path / 'val'))
+    assert folders.classes == ['ant', 'zebra'] and folders.labels.tolist() == [0, 1]
+    with pytest.raises(cli.UserError) as e:  # some of 3 classes, and no names to map them
+        cli.same_classes(None, folders, 'M', 'D', notes.append, num_classes=3)
+    assert str(e.value) == ('D has 2 classes (ant, zebra, ...), the model 3, and M names none: '
+                            'which of its classes the data hold cannot be told')
+    cli.same_classes({'classes': ['zebra', 'cat', 'ant']}, folders, 'M', 'D', notes.append)
+    assert folders.labels.tolist() == [2, 0] and folders.classes == ['zebra', 'cat', 'ant']
+    assert notes == ['the labels of D follow the 3 classes of M']
+
+    class Numbered:
+        def __init__(self, classes):
+            self.classes = classes
+
+        def follow_classes(self, names):
+            return False
+    cli.same_classes({'classes': WNIDS}, Numbered(WORDS), 'M', 'D', notes.append)
+    with pytest.raises(cli.UserError) as e:
+        cli.same_classes({'classes': ['a', 'b', 'c']}, Numbered(['a', 'c', 'b']), 'M', 'D',
+                         notes.append)
+    assert str(e.value) == ("D and M do not mean the same classes: the same 3 classes in another "
+                            "order: 'b' is label 1 in M but 2 in D, 'c' is label 2 in M but 1 "
+                            "in D")
+    cli.same_classes({'classes': None}, Numbered(['a']), 'M', 'D', notes.append)
+    assert notes[-1] == 'note: M names no classes: its labels are taken to mean the classes of D'
+
+
+@pytest.mark.slow
+def test_eval_refuses_data_of_other_classes(imagenet, classifier, tmp_path):
+    """-eval of an ImageNet classifier: a parquet whose names are in another order, and a
+    folder whose class is spelt otherwise -> exit 2, one line; nothing evaluated."""
+    root, rows = imagenet
+    words = WORDS[:]
+    words[0], words[1] = words[1], words[0]
+    write_parquet(str(tmp_path / 'swapped.parquet'), rows, schema=hf_schema(words))
+    for w in [WNIDS[0].upper()] + WNIDS[1:]:  # all 1000 classes, one spelt otherwise
+        (tmp_path / 'folders' / 'val' / w).mkdir(parents=True)
+    (tmp_path / 'folders' / 'val' / WNIDS[0].upper() / 'a.JPEG').write_bytes(rows[0][0])
+    for data_path, opts, says in (
+            (tmp_path, ['DATA.VAL_PARQUET', 'swapped.parquet'],
+             f"the evaluation data and {classifier} do not mean the same classes: the same 1000 "
+             f"classes in another order: 'n01440764' is label 0 in"),
+            (tmp_path / 'folders', [],
+             f"the evaluation data and {classifier} do not mean the same classes: the 1000 "
+             f"class names differ: the evaluation data has 'N01440764', which {classifier} "
+             f"does not; {classifier} has 'n01440764', which the evaluation data does not")):
+        r = run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path',
+                str(data_path), '-pretrained', classifier, '-eval', check=False,
+                opts=['MODEL.NUM_CLASSES', '1000', 'DATA.NUM_WORKERS', '0'] + opts)
+        assert r.returncode == 2 and f'error: {says}' in r.stderr, r.stderr
+        assert not r.stdout.strip()
+
+
+@pytest.mark.slow
+def test_demo_lists_and_folders_mean_one_map(tmp_path):
+    """The demo set's list files number the classes in their own order, its folders sort by
+    name: -eval of a model that carries the lists' names gives the same metrics on both (the
+    folders are relabelled by name)."""
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import make_demo_dataset
+    demo, folders = tmp_path / 'demo', tmp_path / 'folders'
+    make_demo_dataset.make(str(demo), train_per_class=1, val_per_class=2, size=32,
+                           log=lambda m: None)
+    assert classnames.read_classes(str(demo / 'classes.txt')) == list(make_demo_dataset.CLASSES)
+    folders.mkdir()
+    for split in ('train', 'val'):
+        (folders / split).symlink_to(demo / split)
+    cfg = H.tiny_config(DATA__DATA_PATH=str(demo))
+    ds = sources.build_dataset(cfg, is_train=False)
+    paddle.seed(1)
+    ckpt = str(tmp_path / 'm.pdparams')
+    paddle.save(dict(tasks.get_task(cfg).build_model().state_dict(),
+                     _meta=checkpoint.run_meta(cfg, ds.classes)), ckpt)
+    got = []
+    for data_path in (demo, folders):
+        r = run('main_multi_gpu_finetune.py', 'tiny_finetune.yaml', '-data_path',
+                str(data_path), '-pretrained', ckpt, '-eval',
+                opts=['DATA.NUM_WORKERS', '0'])
+        got.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert 'follow the 10 classes' in r.stderr
+    assert got[0]['n'] == got[1]['n'] == 20 and got[0]['val_acc1'] == got[1]['val_acc1']
+    assert got[1]['val_loss'] == pytest.approx(got[0]['val_loss'], rel=1e-5)

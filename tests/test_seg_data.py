@@ -430,9 +430,10 @@ def test_training_samples_collate_by_default_and_match_direct_indexing(tmp_path)
 def test_per_sample_seeding(tmp_path):
     root = str(tmp_path)
     labels = block_labels(40, 30, 0) + 1
-    write_pair(root, 'training', 'a', np.asarray(H.noise_image(40, 30)), labels, '.png')
-    H.write_list(tmp_path / 'train_list.txt', ['images/training/a.png annotations/training/a.png']
-                 * 3)
+    for name in 'abc':  # one picture under three names (a list names each file once)
+        write_pair(root, 'training', name, np.asarray(H.noise_image(40, 30)), labels, '.png')
+    H.write_list(tmp_path / 'train_list.txt', [f'images/training/{n}.png annotations/training/'
+                                               f'{n}.png' for n in 'abc'])
     ds = seg_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), True)
     ds.augment_seed, ds.augment_epoch = 5, 0
     first = ds[1]

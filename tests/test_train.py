@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import paddle
 import pytest
 
+import engine
 from conftest import ROOT
 from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
 
@@ -513,3 +515,39 @@ def test_resume_of_another_models_checkpoint_is_one_line(data, pretrained):
         f'is ViT/4: embed 48, 2 blocks, 8x8 patches of 4, the config builds ViT/4: embed 96, 2 '
         f'blocks, 8x8 patches of 4')
     assert {f: open(os.path.join(out, f), 'rb').read() for f in before} == before
+
+
+def test_evaluation_progress_lines_and_a_stop_between_batches(monkeypatch):
+    """A line after the first batch, then every PROGRESS_SECONDS (and after the last one for
+    -eval), with batches, images, speed and eta; a signal noted in this process ends the
+    iteration after the batch in hand, and the loader's iterator is closed."""
+    closed = []
+
+    class Loader:
+        def __len__(self):
+            return 5
+
+        def __iter__(self):
+            try:
+                for _ in range(5):
+                    yield (np.zeros((4, 3)), np.zeros(4))
+            finally:
+                closed.append(True)
+    lines = []
+    logger = types.SimpleNamespace(info=lines.append)
+    monkeypatch.setattr(engine, 'PROGRESS_SECONDS', 1e9)
+    assert len(list(engine._Progress(Loader(), logger, 'eval'))) == 5
+    assert [x.split(',')[0] for x in lines] == ['eval [1/5] 4 images', 'eval [5/5] 20 images']
+    assert re.fullmatch(r'eval \[5/5\] 20 images, [\d.]+ img/s, eta 0:00:00', lines[1])
+    lines.clear()
+    monkeypatch.setattr(engine, 'PROGRESS_SECONDS', 0)
+    list(engine._Progress(Loader(), logger, 'epoch 0 val', final=False))
+    assert [x.split(' images')[0] for x in lines] == [f'epoch 0 val [{i}/5] {4 * i}'
+                                                      for i in range(1, 6)]
+    stop = types.SimpleNamespace(signum=0)
+    seen = []
+    for i, batch in enumerate(engine._Progress(Loader(), logger, 'val', stop=stop)):
+        seen.append(i)
+        if i == 1:
+            stop.signum = signal.SIGTERM
+    assert seen == [0, 1] and closed == [True] * 3

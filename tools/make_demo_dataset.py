@@ -24,6 +24,11 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+import classnames  # noqa: E402
+
 CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'hstripes', 'vstripes',
            'checker', 'diagonal', 'dots')
 
@@ -109,13 +114,15 @@ def draw(kind, rng, size):
 
 
 def make(out, train_per_class=300, val_per_class=60, size=40, seed=0, log=print):
-    """Write out/{train,val}/<class>/NNNNN.png and the two list files; skip when out already
+    """Write out/{train,val}/<class>/NNNNN.png, the two list files and classes.txt (the
+    lists' labels are CLASSES' order; class folders sort by name, and -eval against a
+    checkpoint relabels them by name, so both layouts mean one map); skip when out already
     holds a set made with the same arguments. Returns the number of images."""
     params = {'classes': list(CLASSES), 'train_per_class': train_per_class,
               'val_per_class': val_per_class, 'size': size, 'seed': seed}
     stamp = os.path.join(out, 'demo_dataset.json')
     total = len(CLASSES) * (train_per_class + val_per_class)
-    if os.path.exists(stamp):
+    if os.path.exists(stamp) and os.path.exists(os.path.join(out, classnames.CLASSES_FILE)):
         with open(stamp) as f:
             if json.load(f) == params:
                 log(f'demo data set already in {out} ({total} images)')
@@ -133,6 +140,7 @@ def make(out, train_per_class=300, val_per_class=60, size=40, seed=0, log=print)
         with open(tmp, 'w') as f:
             f.writelines(lines)
         os.replace(tmp, os.path.join(out, f'{split}_list.txt'))
+    classnames.write_classes(os.path.join(out, classnames.CLASSES_FILE), CLASSES)
     with open(stamp, 'w') as f:
         json.dump(params, f)
     log(f'demo data set written to {out}: {total} images of {len(CLASSES)} classes '
