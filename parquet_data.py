@@ -276,6 +276,19 @@ class ParquetDataset(datasets.ImageDataset):
                    image_column=d.PARQUET_IMAGE_COLUMN, label_column=d.PARQUET_LABEL_COLUMN,
                    root=d.DATA_PATH, key_name=f'DATA.{key}')
 
+    @classmethod
+    def expected(cls, config, is_train):
+        """Said only when the data folder holds parquet files the config does not name."""
+        root = config.DATA.DATA_PATH
+        found = sorted(glob.glob(os.path.join(root, '*.parquet')) +
+                       glob.glob(os.path.join(root, '*', '*.parquet'))) if root else []
+        if not found:
+            return []
+        key = 'TRAIN_PARQUET' if is_train else 'VAL_PARQUET'
+        return [f'parquet files named by DATA.{key} (it holds '
+                f'{os.path.relpath(found[0], root)}{" ..." if len(found) > 1 else ""}: '
+                f"-opts DATA.{key} 'PATTERN')"]
+
     def __len__(self):
         return int(self._file_starts[-1])
 

@@ -184,6 +184,9 @@ def test_bad_rows_and_bad_files(tmp_path, monkeypatch):
     assert _error(cfg('x.parquet')).startswith(f'{tmp_path}/x.parquet: not a parquet file (')
     assert _error(cfg('none-*.parquet')) == f'DATA.VAL_PARQUET: no file matches ' \
                                             f'{tmp_path}/none-*.parquet'
+    assert _error(cfg('')).startswith(  # the folder holds parquet files the config does not name
+        f"{tmp_path}: found neither parquet files named by DATA.VAL_PARQUET (it holds "
+        f"bad.parquet ...: -opts DATA.VAL_PARQUET 'PATTERN') nor the list file")
     write_parquet(str(tmp_path / 'few.parquet'), good, schema=hf_schema(['a', 'b']))
     assert _error(cfg('few.parquet')) == (
         f'{tmp_path}/few.parquet: the dataset names 2 classes but MODEL.NUM_CLASSES is 1000: '
