@@ -498,6 +498,13 @@ def test_checkpoints_carry_config_and_class_names(tmp_path):
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(line['topk']) == len(line['classes']) == 3
     assert line['classes'] == [meta['classes'][c] for c, _ in line['topk']]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'predict.py'), '--model',
+                        weights, '--image', image, '--topk', '3'], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)  # the checkpoint itself, no export
+    direct = json.loads(r.stdout.strip().splitlines()[-1])
+    assert direct['classes'] == line['classes']
+    assert [c for c, _ in direct['topk']] == [c for c, _ in line['topk']]
+    assert np.allclose([p for _, p in direct['topk']], [p for _, p in line['topk']], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -1,11 +1,15 @@
-"""Predict with an exported model (Paddle Inference), preprocessing as in evaluation.
+"""Predict with an exported model (Paddle Inference) or a .pdparams of this project (a training
+checkpoint or converted weights: they carry their config and class names), preprocessing as
+in evaluation.
 
     python tools/predict.py --model exported/vit_base --image cat.jpg --image dog.png --topk 5
+    python tools/predict.py --model mae_finetuned_vit_base.pdparams --image cat.jpg
     python tools/predict.py --model exported/seg --image room.jpg --out predictions/
 
 A classifier prints one JSON line per image: {"image": path, "topk": [[class_index,
-probability], ...]}, plus "classes": [name, ...] (the names of those classes, in the same order)
-when they are known (export_model.py writes them to classes.txt).
+probability], ...]}, plus "classes": [name, ...] (the names of those classes, in the same order,
+ImageNet's WordNet ids as words) when they are known (export_model.py writes them to
+classes.txt; a .pdparams carries them).
 
 A segmentor (--out DIR needed) slides its window over each whole image as evaluation does and
 writes DIR/<name>.png, the predicted label map in the dataset's convention (with
@@ -25,14 +29,17 @@ if __name__ == '__main__':
     runtime.setup_process()  # first: CPU threads and math-library paths before Paddle loads
 
 import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 import paddle.inference as paddle_infer  # noqa: E402
 
+import checkpoint  # noqa: E402
 import classnames  # noqa: E402
 import config as cfgmod  # noqa: E402
 import datasets  # noqa: E402
 import seg_data  # noqa: E402
 import seg_inference  # noqa: E402
 import seg_transforms  # noqa: E402
+import tasks  # noqa: E402  (registers the model builders checkpoint.load_model uses)
 import transforms  # noqa: E402
 import utils  # noqa: E402
 from export_model import model_files  # noqa: E402
@@ -94,6 +101,9 @@ class SegmentationPredictor(Predictor):
 
     def __init__(self, model_dir, use_gpu=False):
         super().__init__(model_dir, use_gpu)
+        self._as_segmentor()
+
+    def _as_segmentor(self):
         self.transform = seg_transforms.build_seg_transform(False, self.config)
         self.classes = self.classes or [f'class_{i}'
                                         for i in range(self.config.MODEL.NUM_CLASSES)]
@@ -120,18 +130,56 @@ class SegmentationPredictor(Predictor):
                        classes=seg_data.class_shares(pred, self.classes))
 
 
-def load_predictor(model_dir, use_gpu=False):
-    """The predictor for an exported model folder: a segmentor's or a classifier's."""
-    model_files(model_dir)  # (a folder without a model: one clear error first)
-    saved = cfgmod.get_config(os.path.join(model_dir, 'config.yaml'))
+class CheckpointPredictor(Predictor):
+    """A classifier from a .pdparams of this project, run in Paddle (dynamic graph)."""
+
+    def __init__(self, path, use_gpu=False):
+        paddle.set_device('gpu' if use_gpu else 'cpu')
+        self.model, self.config = checkpoint.load_model(path)
+        if self.config.TRAIN.MODE == 'pretrain' or not self.config.MODEL.NUM_CLASSES:
+            raise utils.UserError(f'{path} is a pre-trained encoder without a classifier head: '
+                                  f'fine-tune it first (tools/visualize.py shows what an MAE '
+                                  f'reconstructs)')
+        self.transform = transforms.build_transform(False, self.config)
+        self.classes = (checkpoint.saved_meta(path) or {}).get('classes')
+
+    def logits(self, images):
+        with paddle.no_grad():
+            out = self.model(paddle.to_tensor(np.ascontiguousarray(images, dtype=np.float32)))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+class CheckpointSegmentationPredictor(CheckpointPredictor, SegmentationPredictor):
+    """A segmentor from a .pdparams of this project."""
+
+    def __init__(self, path, use_gpu=False):
+        CheckpointPredictor.__init__(self, path, use_gpu)
+        self._as_segmentor()
+
+
+def load_predictor(model, use_gpu=False):
+    """The predictor for an exported model folder or a .pdparams file: a segmentor's or a
+    classifier's."""
+    if os.path.isfile(model):
+        meta = checkpoint.saved_meta(model)
+        if meta is None:
+            raise utils.UserError(f'{model} carries no config of this project: give the folder '
+                                  f'export_model.py wrote, or weights converted by '
+                                  f'port_weights/convert_official.py')
+        mode = cfgmod.from_text(meta['config'], f'the config saved in {model}').TRAIN.MODE
+        cls = CheckpointSegmentationPredictor if mode == 'segmentation' else CheckpointPredictor
+        return cls(model, use_gpu=use_gpu)
+    model_files(model)  # (a folder without a model: one clear error first)
+    saved = cfgmod.get_config(os.path.join(model, 'config.yaml'))
     cls = SegmentationPredictor if saved.TRAIN.MODE == 'segmentation' else Predictor
-    return cls(model_dir, use_gpu=use_gpu)
+    return cls(model, use_gpu=use_gpu)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', required=True, help='folder written by tools/export_model.py')
+    p.add_argument('--model', required=True,
+                   help='folder written by tools/export_model.py, or a .pdparams of this project')
     p.add_argument('--image', action='append', required=True, help='image file (repeatable)')
     p.add_argument('--topk', type=int, default=5, help='classifier: classes printed')
     p.add_argument('--out', help='segmentor: folder for the label PNGs and overlays')
