@@ -30,6 +30,9 @@ META_KEY = '_meta'
 MODEL_KEYS = ('TRAIN.MODE', 'MODEL.NAME', 'MODEL.ENCODER', 'MODEL.DECODER', 'MODEL.NUM_CLASSES',
               'MODEL.GLOBAL_POOL', 'DATA.IMAGE_SIZE', 'MODEL.LAYER_SCALE', 'MODEL.QKV_BIAS',
               'MODEL.ABS_POS_EMBED', 'MODEL.REL_POS_BIAS', 'MODEL.LAYER_NORM_EPS')
+# what a segmentor's label values mean: evaluated with others, it scores other classes
+LABEL_KEYS = ('DATA.REDUCE_ZERO_LABEL', 'DATA.IGNORE_INDEX', 'MODEL.NUM_CLASSES')
+SEGMENTOR_MARK = 'backbone.' + PATCH_EMBED  # a segmentor's encoder lives under backbone.
 
 
 def _fingerprint(path):
@@ -176,10 +179,12 @@ def config_for(cfg_file, weights, update):
     """The config that builds the model `weights` hold, for -eval and the tools.
 
     A checkpoint of this project carries its config: without cfg_file that one is used; a
-    cfg_file that says otherwise about what the model is (MODEL_KEYS) is an error, not a resize.
-    Weights without a config (converted official ones) need cfg_file. update(config) applies
-    the command line's flags and -opts (to either)."""
+    cfg_file that says otherwise about what the model is (MODEL_KEYS) is an error, not a resize;
+    so is, for a segmentor, a cfg_file or -opts that says otherwise about what its label values
+    mean (LABEL_KEYS). Weights without a config (converted official ones) need cfg_file.
+    update(config) applies the command line's flags and -opts (to either)."""
     config = cfgmod.get_config(cfg_file) if cfg_file else cfgmod.get_config()
+    from_file = config.clone()
     update(config)
     weights = weights or config.MODEL.PRETRAINED
     meta = saved_meta(weights) if weights else None
@@ -189,16 +194,38 @@ def config_for(cfg_file, weights, update):
                             f'config of this project (a converted official checkpoint?)')
         return config
     saved = cfgmod.from_text(meta['config'], f'the config saved in {weights}')
+    carried = saved.clone()
     update(saved)
+    segmentor = saved.TRAIN.MODE == 'segmentation'
+    labels = LABEL_KEYS if segmentor else ()
     if cfg_file:  # (a classifier has no decoder: its MODEL.DECODER keys say nothing)
+        if segmentor and config.TRAIN.MODE != 'segmentation':
+            state = split_meta(load_file(weights, 'weights'))[0]
+            raise UserError(segmentor_message(weights, state))
         keys = [k for k in MODEL_KEYS
                 if k != 'MODEL.DECODER' or saved.MODEL.NAME.startswith('mae_')]
-        differ = _differences(saved, config, lambda k: _under(k, keys))
+        differ = _differences(saved, config, lambda k: _under(k, keys)) + _differences(
+            carried, config, lambda k: k in labels and not _under(k, keys)
+            and cfgmod.get_key(from_file, k) != cfgmod.get_key(carried, k))
         if differ:
             raise UserError(f'{cfg_file} contradicts the config {weights} carries: '
                             f'{"; ".join(differ)} (leave -cfg out to use the checkpoint\'s own)')
-        return config
-    return saved
+    chosen = config if cfg_file else saved
+    differ = _differences(carried, chosen, lambda k: k in labels)
+    if differ:  # (set by -opts)
+        raise UserError(f'-opts contradicts the config {weights} carries: {"; ".join(differ)} '
+                        f'(a segmentor\'s label values mean what they meant in its training)')
+    return chosen
+
+
+def segmentor_message(path, state):
+    """What to do with a segmentor's weights (path, its state) given where an encoder or a
+    classifier is expected."""
+    encoder = describe_weights(_strip(state, 'backbone.'))
+    return (f'{path} is a segmentor (UperNet on {encoder}): evaluate it with '
+            f'main_multi_gpu_segmentation.py -eval -pretrained {path}; classifiers and '
+            f'pre-training start from an encoder (MAE pre-training or a fine-tuned classifier), '
+            f'e.g. the one this segmentor was trained from')
 
 
 def check_file(path, what):
@@ -405,6 +432,8 @@ def load_pretrained(model, path, log=print, reinit=('head.',), eval_only=False,
     if added:
         state = {prefix + k: v for k, v in state.items()}
         log(f'pretrained: {path} holds a bare encoder: loading it under {prefix}')
+    if isinstance(state, dict) and not prefix and SEGMENTOR_MARK in state:
+        raise UserError(segmentor_message(path, state))
     if not isinstance(state, dict) or mark not in state:
         raise UserError(f'{path} holds no ViT/MAE weights (no {PATCH_EMBED}); official .pth '
                         f'files must be converted first: port_weights/convert_official.py')

@@ -38,7 +38,7 @@ _C.DATA.VAL_PARQUET = ''              # the same for evaluation, instead of VAL_
 _C.DATA.PARQUET_IMAGE_COLUMN = 'image'  # struct {bytes, path} (HF Image) or binary: encoded image
 _C.DATA.PARQUET_LABEL_COLUMN = 'label'  # integer class index
 # semantic segmentation (DESIGN.md 3.4): the crop / sliding window is IMAGE_SIZE
-_C.DATA.IGNORE_INDEX = 255            # annotation value left out of the loss and the metrics
+_C.DATA.IGNORE_INDEX = 255            # annotation value left out of loss / metrics; not a class
 _C.DATA.REDUCE_ZERO_LABEL = False     # ADE20K: 0 ('other') -> IGNORE_INDEX, 1..150 -> 0..149
 _C.DATA.SEG_SCALE = [2048, 512]       # resize into (long side, short side) bounds, ratio kept
 _C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]  # training: SEG_SCALE times a ratio drawn from this range
@@ -159,7 +159,6 @@ RANGES = {
     'MODEL.SEGMENTATION.OUT_INDICES': (lambda v: len(v) == 4, 'four block indices (fpn1..fpn4)'),
     'MODEL.SEGMENTATION.POOL_SCALES': (lambda v: len(v) >= 1 and min(v) >= 1,
                                        'a list of pooled sizes >= 1'),
-    'DATA.IGNORE_INDEX': (lambda v: 0 <= v <= 255, 'in 0..255 (a value of 8-bit annotations)'),
     'DATA.SEG_SCALE': (lambda v: len(v) == 2 and min(v) >= 1, '[long side, short side] >= 1'),
     'DATA.SEG_RATIO_RANGE': (lambda v: len(v) == 2 and 0 < v[0] <= v[1],
                              '[low, high], 0 < low <= high'),
@@ -192,8 +191,9 @@ RANGES = {
 
 def check_values(config):
     """Every value of RANGES in its range and of CHOICES among them, else ConfigError naming
-    the key, the value and what would be valid. Reading a file or -opts checks types and
-    CHOICES as well, naming the file; this covers values set in code too."""
+    the key, the value and what would be valid (and, in segmentation, DATA.IGNORE_INDEX outside
+    the classes). Reading a file or -opts checks types and CHOICES as well, naming the file;
+    this covers values set in code too."""
     for key, (ok, valid) in RANGES.items():
         value = get_key(config, key)
         if not ok(value):
@@ -202,6 +202,11 @@ def check_values(config):
         value = get_key(config, key)
         if value not in choices:
             raise ConfigError(f'config key {key} is {value!r}; choose one of {list(choices)}')
+    ignore, classes = config.DATA.IGNORE_INDEX, config.MODEL.NUM_CLASSES
+    if config.TRAIN.MODE == 'segmentation' and 0 <= ignore < classes:
+        raise ConfigError(f'config key DATA.IGNORE_INDEX {ignore} is a class of MODEL.NUM_CLASSES '
+                          f'{classes} (0..{classes - 1}): it must lie outside them (255 for 8-bit '
+                          f'annotations; e.g. 65535 or -1 for 16-bit ones)')
     return config
 
 

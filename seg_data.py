@@ -8,7 +8,9 @@ Layouts (under DATA.DATA_PATH):
   annotations/{training,validation}/<name>.png.
 
 Annotations are single-band index images (8-bit 'L' or palette 'P' PNGs; 16/32-bit integer
-ones work too), the size of their image. DATA.REDUCE_ZERO_LABEL (ADE20K) maps 0 ('other') to
+ones work too, their values read as they are), the size of their image, in a lossless format:
+a JPEG annotation (by its extension, at construction; by its content, when read) is a
+DataError. DATA.REDUCE_ZERO_LABEL (ADE20K) maps 0 ('other') to
 DATA.IGNORE_INDEX and every other value v to v - 1, the file's own IGNORE_INDEX pixels staying
 ignored (mmsegmentation's reduce_zero_label). Every value must then be a class
 (< MODEL.NUM_CLASSES) or IGNORE_INDEX. A missing annotation, one of another size than its image,
@@ -42,6 +44,7 @@ from datasets import (IGNORE_LABEL, IMG_EXTENSIONS, DataError, ImageDataset, exp
 
 SPLIT_FOLDERS = {True: 'training', False: 'validation'}  # ADE20K's split folder names
 ANNOTATION_EXT = '.png'
+LOSSY_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif')  # JPEG changes class values at edges
 CLASS_NAMES_FILE = 'class_names.txt'
 
 # The 150 classes of ADE20K's SceneParsing benchmark, index = label after reduce-zero-label
@@ -99,6 +102,8 @@ class SegmentationDataset(ImageDataset):
             if not os.path.isfile(self.annotation(i)):
                 raise DataError(f'annotation not found: {self._where(i)} (the annotation of '
                                 f'image {self.path(i)})')
+            if self.annotation(i).lower().endswith(LOSSY_EXTENSIONS):
+                raise DataError(_lossy(self._where(i)))
 
     kind = 'segmentation'
 
@@ -155,9 +160,10 @@ class SegmentationDataset(ImageDataset):
     # ------------------------------------------------------------------------ loading
 
     def load_annotation(self, index, image_size=None):
-        """Annotation of sample `index` as an integer array [H, W] (uint8 for 8-bit files, else
-        int32), reduce-zero-label applied and values checked; image_size (w, h): the size it
-        must have. Raises DataError naming the file (and list line)."""
+        """Annotation of sample `index` as an integer array [H, W] (uint8 for 8-bit files when
+        IGNORE_INDEX fits in 8 bits, else int32), reduce-zero-label applied and values checked;
+        image_size (w, h): the size it must have. Raises DataError naming the file (and list
+        line)."""
         where = self._where(index)
         try:
             with open(self.annotation(index), 'rb') as f:
@@ -168,6 +174,8 @@ class SegmentationDataset(ImageDataset):
                             f'{self.path(index)})') from None
         except Exception as e:
             raise DataError(f'cannot read annotation {where}: {explain(e)}') from None
+        if ann.format == 'JPEG':
+            raise DataError(_lossy(where))
         if image_size is not None and ann.size != tuple(image_size):
             raise DataError(
                 f'annotation {where} is {ann.size[0]}x{ann.size[1]} but its image '
@@ -188,12 +196,15 @@ class SegmentationDataset(ImageDataset):
 
     def _labels_of(self, mask, where):
         ignore = self.ignore_index
+        limits = np.iinfo(mask.dtype)
+        if not limits.min <= ignore <= limits.max:  # e.g. 8-bit values, IGNORE_INDEX 65535 / -1
+            mask = mask.astype(np.int32)
         if self.reduce_zero_label:
             # mmseg: 0 -> ignore, v -> v - 1; the file's own ignore value stays ignored
             unlabelled = (mask == 0) | (mask == ignore)
             mask = mask - 1
             mask[unlabelled] = ignore
-        bad = ((mask >= self.num_classes) & (mask != ignore)) | (mask < 0)
+        bad = ((mask >= self.num_classes) | (mask < 0)) & (mask != ignore)
         if bad.any():
             values = mask[bad]
             value = int(values.min()) if values.min() < 0 else int(values.max())
@@ -214,7 +225,7 @@ class SegmentationDataset(ImageDataset):
         source = int(source)
         sample_id = index
         if source == IGNORE_LABEL:  # evaluation: left out (id -1), its pixels all ignored
-            mask = np.full((img.size[1], img.size[0]), self.ignore_index, np.uint8)
+            mask = np.full((img.size[1], img.size[0]), self.ignore_index, np.int64)
             sample_id = -1
         else:
             mask = self.load_annotation(source, img.size)
@@ -227,13 +238,18 @@ class SegmentationDataset(ImageDataset):
         """Stands in (never delivered) for a sample whose loading failed inside a loader,
         shaped like a real one so the batch still collates."""
         blank = Image.new('RGB', (1, 1))
-        mask = np.full((1, 1), self.ignore_index, np.uint8)
+        mask = np.full((1, 1), self.ignore_index, np.int64)
         try:
             image, label = self.joint_transform(blank, mask) if self.joint_transform else (
                 blank, mask.astype(np.int64))
         except Exception:
             image, label = np.zeros((3, 1, 1), np.float32), mask.astype(np.int64)
         return image, label, np.int64(-1)
+
+
+def _lossy(where):
+    return (f'annotation {where} is a JPEG file: annotations must be lossless, e.g. PNG (JPEG '
+            f'compression changes class values)')
 
 
 # ---------------------------------------------------------------------------------- layouts

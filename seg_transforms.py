@@ -95,9 +95,8 @@ def random_crop_box(mask, crop_size, cat_max_ratio=1.0, ignore_index=255):
     top, left = draw()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            counts = np.bincount(mask[top:top + ch, left:left + cw].ravel())
-            if ignore_index < len(counts):
-                counts[ignore_index] = 0
+            values = mask[top:top + ch, left:left + cw].ravel()
+            counts = np.bincount(values[values != ignore_index])  # (any ignore value: -1, 65535)
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break

@@ -701,3 +701,74 @@ def test_a_classification_list_is_named_as_such(tmp_path):
     with pytest.raises(DataError, match=r"train_list\.txt line 1: 'images/a\.jpg 3' is an image "
                                         r"and a class label \(a classification list\)"):
         seg_data.read_pair_list(str(tmp_path / 'train_list.txt'), str(tmp_path))
+
+
+# ------------------------------------------------------------- wide labels, lossless annotations
+
+def write_16_bit(path, values):
+    """values saved as a 16-bit greyscale PNG (Pillow mode 'I;16')."""
+    img = Image.fromarray(np.asarray(values, np.uint16))
+    img.save(path)
+    assert Image.open(path).mode == 'I;16'
+
+
+@pytest.mark.parametrize('ignore', [65535, -1])
+def test_16_bit_annotations_keep_values_above_255(tmp_path, ignore):
+    values = np.array([[0, 255, 256, 299], [298, 65535, 1, 255]])
+    Image.new('RGB', (4, 2)).save(tmp_path / 'a.png')
+    write_16_bit(tmp_path / 'a_ann.png', values)
+    H.write_list(tmp_path / 'val_list.txt', ['a.png a_ann.png'])
+    cfg = seg_config(str(tmp_path), MODEL__NUM_CLASSES=300, DATA__IGNORE_INDEX=ignore)
+    config.check_values(cfg)
+    ds = seg_dataset(cfg, False, A.build_seg_transform(False, cfg))
+    if ignore == 65535:  # class 255 stays a class
+        assert ds[0][1].tolist() == values.tolist()
+    else:  # 65535 is then no class and not ignored
+        with pytest.raises(DataError) as e:
+            ds[0]
+        one_line(str(e.value), 'a_ann.png', 'label value 65535', 'DATA.IGNORE_INDEX -1')
+        write_16_bit(tmp_path / 'a_ann.png', np.where(values == 65535, 7, values))
+        assert ds[0][1].tolist() == np.where(values == 65535, 7, values).tolist()
+
+
+@pytest.mark.parametrize('ignore', [65535, -1])
+def test_ignore_index_outside_8_bits_with_reduce_zero_label(tmp_path, ignore):
+    raw = np.array([[0, 1, 5, 255], [2, 0, 3, 4]], np.uint8)
+    write_pair(str(tmp_path), 'training', 'a', np.zeros((2, 4, 3), np.uint8), raw, '.png')
+    cfg = seg_config(str(tmp_path), DATA__REDUCE_ZERO_LABEL=True, DATA__IGNORE_INDEX=ignore,
+                     MODEL__NUM_CLASSES=255)
+    ds = seg_dataset(cfg, True, A.build_seg_transform(True, cfg))
+    assert ds.load_annotation(0).tolist() == [[ignore, 0, 4, 254], [1, ignore, 2, 3]]
+    image, label, _ = ds[0]  # training: resized, cropped, padded with IGNORE_INDEX
+    assert label.shape == (32, 32) and label.dtype == np.int64
+    assert ignore in label and set(np.unique(label)) <= {ignore, 0, 1, 2, 3, 4, 254}
+
+
+def test_crop_rule_with_a_negative_or_wide_ignore_index():
+    for ignore in (-1, 65535):
+        mask = np.zeros((40, 40), np.int64)
+        mask[:, 20:] = 1
+        mask[:8, :] = ignore
+        np.random.seed(0)
+        expected = mmseg_box(np.where(mask == ignore, IGNORE, mask).astype(np.uint8), 24, 0.75)
+        np.random.seed(0)
+        assert A.random_crop_box(mask, 24, 0.75, ignore)[:2] == expected
+
+
+@pytest.mark.parametrize('ext', ['.jpg', '.JPEG'])
+def test_jpeg_annotations_are_refused_at_construction(tmp_path, ext):
+    Image.new('RGB', (4, 2)).save(tmp_path / 'a.png')
+    Image.fromarray(np.zeros((2, 4), np.uint8)).save(tmp_path / f'a_ann{ext}', 'JPEG')
+    H.write_list(tmp_path / 'val_list.txt', [f'a.png a_ann{ext}'])
+    with pytest.raises(DataError) as e:
+        seg_dataset(seg_config(str(tmp_path)), False)
+    one_line(str(e.value), f'a_ann{ext}', 'val_list.txt line 1', 'must be lossless', 'PNG')
+
+
+def test_jpeg_content_under_a_png_name_is_refused_when_read(tmp_path):
+    root, pairs = ade_root(tmp_path, sizes=[(6, 4)])
+    Image.fromarray(np.ones((4, 6), np.uint8)).save(pairs[0][1], 'JPEG')
+    ds = seg_dataset(seg_config(root, DATA__REDUCE_ZERO_LABEL=True), False)
+    with pytest.raises(DataError) as e:
+        ds[0]
+    one_line(str(e.value), pairs[0][1], 'must be lossless')

@@ -80,6 +80,30 @@ def test_loss_is_mmseg_cross_entropy_plus_weighted_auxiliary():
     assert loss == pytest.approx(float(ce(logits) + 0.4 * ce(aux)), rel=1e-5)
 
 
+@pytest.mark.parametrize('ignore', [-1, 65535])
+def test_loss_and_metrics_with_an_ignore_index_outside_8_bits_and_classes_above_255(ignore):
+    """16-bit annotations: IGNORE_INDEX -1 / 65535 left out, class 255 of 300 counted."""
+    c = cfgmod.merge_opts(cfgmod.get_config(), ['TRAIN.MODE', 'segmentation',
+                                                'MODEL.NUM_CLASSES', 300,
+                                                'DATA.IGNORE_INDEX', ignore])
+    cfgmod.check_values(c)
+    rng = np.random.default_rng(2)
+    labels = rng.integers(250, 300, (2, 8, 8))
+    labels[:, :2] = ignore
+    logits = rng.standard_normal((2, 300, 8, 8)).astype('float32')
+    loss = float(tasks.get_task(c).pixel_loss(paddle.to_tensor(logits), paddle.to_tensor(labels)))
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
+                                            ignore_index=ignore, reduction='none').mean()
+    assert loss == pytest.approx(float(ref), rel=1e-5)
+    pred = labels.copy()
+    pred[labels == 255] = 256  # class 255 never right: IoU 0, not ignored (NaN)
+    pred[labels == ignore] = 3
+    areas = sum(tasks.segmentation_areas(p, t, 300, ignore) for p, t in zip(pred, labels))
+    _, iou, _ = tasks.segmentation_scores(areas)
+    assert areas[3].sum() == 2 * 6 * 8 and np.isnan(iou[3])  # ignored pixels not counted
+    assert areas[3][255] > 0 and iou[255] == 0 and np.nanmax(iou) == 1
+
+
 def tiny(stage, *opts):
     c = cfgmod.get_config(os.path.join(ROOT, 'configs', f'tiny_{stage}.yaml'))
     return cfgmod.merge_opts(c, list(opts))
