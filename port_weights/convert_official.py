@@ -72,11 +72,17 @@ KEY_TABLE = (
     ('.relative_position_index', None),  # BEiT's: derived from the grid, rebuilt by the model
 )
 
-# num_heads is not stored in a checkpoint (no shape depends on it): the named sizes'.
+# num_heads is not stored in a checkpoint (no shape depends on it): the config the source
+# carries says it, else --num-heads, else a named size's (its whole shape, not the width alone);
+# otherwise it is unknown and the converted file carries no config (convert_file)
+SHAPE_KEYS = ('patch_size', 'embed_dim', 'depth', 'mlp_ratio')
+DECODER_SHAPE_KEYS = ('decoder_embed_dim', 'decoder_depth')
+# a stand-in, only to build the model's shapes (which no head count changes)
 OFFICIAL_NUM_HEADS = {shape['embed_dim']: shape['num_heads']
                       for _, shape in transformer.SIZES.values()}
 OFFICIAL_DECODER_NUM_HEADS = {
     transformer.MAE_DECODER['decoder_embed_dim']: transformer.MAE_DECODER['decoder_num_heads']}
+HEAD_KEYS = {'num_heads': 'MODEL.ENCODER.NUM_HEADS', 'decoder_num_heads': 'MODEL.DECODER.NUM_HEADS'}
 
 # MODEL.LAYER_SCALE of a converted model with LayerScale: the gammas come from the weights, so
 # the init value only has to be non-zero (timm's init_values of the MAE-JAX exports)
@@ -163,9 +169,45 @@ def detect_kind(keys):
                           f'(keys: {sorted(keys)[:8]})')
 
 
+def named_heads(arch):
+    """-> the head count of the named size (transformer.SIZES) whose shape arch has, else None."""
+    return next((shape['num_heads'] for _, shape in transformer.SIZES.values()
+                 if all(arch.get(k) == shape[k] for k in SHAPE_KEYS)), None)
+
+
+def named_decoder_heads(arch):
+    """-> the official decoder's head count when arch's decoder has its shape, else None."""
+    dec = transformer.MAE_DECODER
+    return dec['decoder_num_heads'] if all(arch.get(k) == dec[k] for k in DECODER_SHAPE_KEYS) \
+        else None
+
+
+def given_heads(facts, num_heads=None, decoder_num_heads=None):
+    """facts with the head counts of --num-heads / --decoder-num-heads added; one that
+    contradicts the config the source carries is a ConversionError (the source's word wins)."""
+    facts = dict(facts)
+    for name, value in (('num_heads', num_heads), ('decoder_num_heads', decoder_num_heads)):
+        if value is None:
+            continue
+        if value < 1:
+            raise ConversionError(f'--{name.replace("_", "-")} {value}: not a head count')
+        if facts.get(name) and facts[name] != value:
+            raise ConversionError(f'--{name.replace("_", "-")} {value} contradicts the config '
+                                  f'the source carries ({name} {facts[name]}); leave it out')
+        facts[name] = value
+    return facts
+
+
+def unknown_heads(arch, facts):
+    """-> the head counts of arch that neither the source / the flags (facts) nor a named size
+    say: arch holds a stand-in for them, which builds the shapes but not the model."""
+    known = {'num_heads': named_heads(arch), 'decoder_num_heads': named_decoder_heads(arch)}
+    return [k for k in HEAD_KEYS if k in arch and not facts.get(k) and not known[k]]
+
+
 def _guess_heads(dim, official):
-    """num_heads does not change any weight shape: the official value, else head dim 64 when it
-    divides, else the largest of a few usual counts that divides."""
+    """A stand-in head count for building shapes: the official value for the width, else head
+    dim 64 when it divides, else the largest of a few usual counts that divides."""
     if dim in official:
         return official[dim]
     if dim % 64 == 0:
@@ -222,9 +264,11 @@ def infer_architecture(sd, kind, facts=None, prefix=''):
         raise ConversionError(f'{tokens} patch positions: not a square grid')
     hidden = shape('blocks.0.mlp.fc1.weight', 2)[0]
     arch = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim,
-                depth=_depth(sd, 'blocks.'),
-                num_heads=facts.get('num_heads') or _guess_heads(dim, OFFICIAL_NUM_HEADS),
-                mlp_ratio=hidden / dim)
+                depth=_depth(sd, 'blocks.'), num_heads=None, mlp_ratio=hidden / dim)
+    arch['num_heads'] = (facts.get('num_heads') or named_heads(arch)
+                         or _guess_heads(dim, OFFICIAL_NUM_HEADS))
+    if dim % arch['num_heads']:
+        raise ConversionError(f'num_heads {arch["num_heads"]} does not divide the width {dim}')
     variants = {
         'layer_scale': (LAYER_SCALE_INIT if 'blocks.0.ls1.gamma' in sd else 0.0),
         'qkv_bias': ('qv' if 'blocks.0.attn.q_bias' in sd else
@@ -236,9 +280,9 @@ def infer_architecture(sd, kind, facts=None, prefix=''):
         if 'pos_embed' not in sd:
             raise ConversionError('an MAE with a decoder but no pos_embed')
         ddim = shape('decoder_embed.weight', 2)[0]
-        arch.update(decoder_embed_dim=ddim, decoder_depth=_depth(sd, 'decoder_blocks.'),
-                    decoder_num_heads=(facts.get('decoder_num_heads')
-                                       or _guess_heads(ddim, OFFICIAL_DECODER_NUM_HEADS)))
+        arch.update(decoder_embed_dim=ddim, decoder_depth=_depth(sd, 'decoder_blocks.'))
+        arch['decoder_num_heads'] = (facts.get('decoder_num_heads') or named_decoder_heads(arch)
+                                     or _guess_heads(ddim, OFFICIAL_DECODER_NUM_HEADS))
         return 'MaskedAutoencoderViT', arch
     arch.update(abs_pos_embed='pos_embed' in sd, rel_pos_bias=rel_table in sd)
     if kind == 'pretrain-encoder':
@@ -389,9 +433,10 @@ def _describe_kind(kind, arch):
     return f'{kind} ({KIND_DESCRIPTIONS[kind]}, {pool}, {head})'
 
 
-def convert_file(src, dst, log=print):
+def convert_file(src, dst, log=print, num_heads=None, decoder_num_heads=None):
     """Convert the checkpoint `src` (a file or an HF folder, see formats.py) to `dst`
-    (.pdparams carrying the config that builds its model) -> (kind, info).
+    (.pdparams carrying the config that builds its model) -> (kind, info). num_heads /
+    decoder_num_heads: the head counts, for a source that carries no config (given_heads).
 
     dst is written to dst + '.tmp' and renamed, so no partial file is ever left at dst.
     Raises ConversionError (message names the file and key) for any problem with the input.
@@ -422,6 +467,8 @@ def convert_file(src, dst, log=print):
         f'tensors)')
     if source.ignored:
         log(f'ignored checkpoint entries (not model weights): {", ".join(source.ignored)}')
+    said_heads = bool(facts.get('num_heads'))
+    facts = given_heads(facts, num_heads, decoder_num_heads)
     try:
         kind, out, info = convert_state_dict(official, facts)
     except ConversionError as e:
@@ -431,8 +478,15 @@ def convert_file(src, dst, log=print):
     arch = info['arch']
     config, opts = converted_config(kind, arch, facts)
     classes, said = class_identity(arch, facts.get('classes'), kind)
-    info.update(md5=md5, official=status, src=src, dst=dst, config=config, classes=classes)
-    out[checkpoint.META_KEY] = checkpoint.run_meta(config, classes)
+    unknown = unknown_heads(arch, facts)
+    if unknown:  # no config that guesses: -eval / load_model refuse the file until told
+        config = None
+        opts = [o if i == 0 or opts[i - 1] not in HEAD_KEYS.values() else 'N'
+                for i, o in enumerate(opts)]
+    info.update(md5=md5, official=status, src=src, dst=dst, config=config, classes=classes,
+                unknown_heads=unknown)
+    if config is not None:
+        out[checkpoint.META_KEY] = checkpoint.run_meta(config, classes)
 
     write_atomically(dst, lambda tmp: paddle.save(out, tmp))
 
@@ -448,18 +502,28 @@ def convert_file(src, dst, log=print):
             + f', windows of {config.DATA.IMAGE_SIZE} every {seg.SLIDE_STRIDE} pixels')
     for note in facts.get('notes', ()):
         log(f'  ({note})')
-    if not facts.get('num_heads'):
-        heads = ('num_heads' if 'decoder_num_heads' not in arch
-                 else 'num_heads, decoder_num_heads')
-        log(f'  ({heads}: not stored in the checkpoint; the official value for this width, '
-            f'or head dim 64. If the model was trained with other heads, convert again and '
-            f'give them to -eval / fine-tuning with -opts MODEL.ENCODER.NUM_HEADS N)')
+    heads = ', '.join(f'{k} {"unknown" if k in unknown else arch[k]}'
+                      for k in HEAD_KEYS if k in arch)
+    if unknown:
+        flags = ' / '.join('--' + k.replace('_', '-') for k in unknown)
+        log(f'heads: {heads} (no weight stores them and the source carries no config): the '
+            f'file is written WITHOUT a config; convert again with {flags} N, or give -cfg '
+            f'with the count the model was trained with')
+    elif said_heads:
+        log(f'heads: {heads} (from the config the source carries)')
+    elif facts.get('num_heads') or facts.get('decoder_num_heads'):
+        log(f'heads: {heads} (from --num-heads / --decoder-num-heads, else the named size)')
+    else:
+        log(f'heads: {heads} (the named size\'s: no weight stores them; if the model was trained '
+            f'with others, convert again with --num-heads N)')
     log(f'tensors: {info["num_tensors"]} ({info["transposed"]} Linear weights transposed, '
         f'{info["renamed"]} BatchNorm buffers renamed, {len(info["dropped"])} dropped: '
         f'{_listing(info["dropped"]) or "none"})')
     log(f'classes: {said}')
-    log(f'saved: {dst} (with the config that builds its model)')
-    log(f'use it with: {usage(opts, dst)}')
+    log(f'saved: {dst} (' + ('without a config: the head count is unknown' if unknown else
+                             'with the config that builds its model') + ')')
+    log(f'use it with: {usage(opts, dst)}' + (' (N: the head count it was trained with)'
+                                              if unknown else ''))
     return kind, info
 
 
@@ -586,9 +650,16 @@ def main(argv=None):
                         help='.pth / .pt / .bin (torch.save zip), .safetensors, or a '
                              'HuggingFace folder (config.json + weights)')
     parser.add_argument('--dst', required=True, help='output .pdparams file')
+    parser.add_argument('--num-heads', type=int, metavar='N',
+                        help='attention heads of the encoder, for a source that carries no '
+                             'config (the weights do not store it); needed unless the shape '
+                             'is a named size (ViT-B/16, L/16, H/14)')
+    parser.add_argument('--decoder-num-heads', type=int, metavar='N',
+                        help='the same for an MAE decoder of another shape than the official')
     args = parser.parse_args(argv)
     try:
-        convert_file(args.src, args.dst)
+        convert_file(args.src, args.dst, num_heads=args.num_heads,
+                     decoder_num_heads=args.decoder_num_heads)
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

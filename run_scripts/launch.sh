@@ -7,11 +7,12 @@
 #   OUTPUT      output folder                         (default: output/<script name>)
 #   GPUS        e.g. 0,1,2,3,4,5,6,7                  (default: all GPUs; empty on a CPU machine)
 #   NPROC       processes on a CPU-only machine       (default 1)
-#   NNODES      machines taking part                  (default 1)
-#   MASTER      ip:port of the first machine          (needed when NNODES > 1)
+#   NNODES      machines taking part                  (default 1; each runs this script)
+#   MASTER      ip:port of the first machine          (needed when NNODES > 1; the same on all)
 #   NODE_RANK   this machine's rank, 0 on the master  (optional; Paddle can assign it)
 #   BATCH_SIZE  per-process batch                     (default: the config's DATA.BATCH_SIZE)
 #   PRETRAINED  .pdparams to start from (fine-tune, linear probe, eval)
+# With NNODES > 1 the launcher gets --nnodes NNODES --master MASTER [--rank NODE_RANK].
 # Extra arguments go to the entry point, e.g. -resume auto or -opts KEY VALUE (these win).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +25,13 @@ OUTPUT=${OUTPUT:-output/$(basename "$CFG" .yaml)}
 NNODES=${NNODES:-1}
 PYTHON=${PYTHON:-python}
 fail() { echo "launch: $*" >&2; exit 2; }
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || fail "NNODES=$NNODES: the number of machines (1, 2, ...)"
+if (( NNODES > 1 )); then
+  [[ -n ${MASTER:-} ]] || fail "NNODES=$NNODES: set MASTER=ip:port of the first machine (the same on every machine)"
+  if [[ -n ${NODE_RANK:-} ]] && ! { [[ $NODE_RANK =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )); }; then
+    fail "NODE_RANK=$NODE_RANK: 0 to $((NNODES - 1)), 0 on the master"
+  fi
+fi
 
 # fail fast, in one line, on what would otherwise fail deep inside the launcher
 cuda=$("$PYTHON" -c 'import paddle; print(int(paddle.is_compiled_with_cuda()))' 2>/dev/null) ||
@@ -68,7 +76,7 @@ if [[ -n ${TARGET_BATCH:-} ]]; then
 fi
 multi=()
 if (( NNODES > 1 )); then
-  multi=(--nnodes "$NNODES" --master "${MASTER:?set MASTER=ip:port of the first machine}")
+  multi=(--nnodes "$NNODES" --master "$MASTER")
   [[ -n ${NODE_RANK:-} ]] && multi+=(--rank "$NODE_RANK")
 fi
 args=(-cfg "$CFG" -data_path "$DATA_PATH" -output "$OUTPUT" -batch_size "$batch")

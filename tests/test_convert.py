@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 
 from helpers import make_case, paddle_numpy_sd, tiny_mae, tiny_vit, to_torch_sd  # noqa: E402
 import checkpoint  # noqa: E402
+import config as cfgmod  # noqa: E402
 import paddlefile  # noqa: E402
 from port_weights import convert_official as C  # noqa: E402
 
@@ -31,10 +32,14 @@ from port_weights import convert_official as C  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+# the tiny models' head counts (a .pth without a config does not say them)
+TINY_HEADS = ('--num-heads', '4', '--decoder-num-heads', '4')
+
+
 def run_cli(src, dst, env=None):
     return subprocess.run(
-        [sys.executable, 'port_weights/convert_official.py', '--src', str(src), '--dst', str(dst)],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        [sys.executable, 'port_weights/convert_official.py', '--src', str(src), '--dst', str(dst),
+         *TINY_HEADS], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_converted(dst, expected, model):
@@ -278,6 +283,37 @@ def test_convert_state_dict_arch_info():
     assert C._guess_heads(768, C.OFFICIAL_NUM_HEADS) == 12
     assert C._guess_heads(1280, C.OFFICIAL_NUM_HEADS) == 16
     assert 96 % C._guess_heads(96, C.OFFICIAL_NUM_HEADS) == 0
+
+
+def test_named_sizes_keep_their_heads_other_shapes_are_unknown():
+    """Heads are in no weight: a named size's whole shape gives its count, the width alone
+    does not (ViT-B's width at depth 2 is unknown), and what the source or a flag says counts."""
+    base = dict(patch_size=16, embed_dim=768, depth=12, mlp_ratio=4.0, num_heads=12)
+    huge = dict(patch_size=14, embed_dim=1280, depth=32, mlp_ratio=4.0, num_heads=16)
+    assert C.named_heads(base) == 12 and C.named_heads(huge) == 16
+    assert C.unknown_heads(base, {}) == []
+    assert C.named_heads(dict(base, depth=2)) is None
+    assert C.unknown_heads(dict(base, depth=2), {}) == ['num_heads']
+    assert C.unknown_heads(dict(base, depth=2), {'num_heads': 6}) == []
+    mae = dict(base, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    assert C.unknown_heads(mae, {}) == []
+    assert C.unknown_heads(dict(mae, decoder_depth=1), {}) == ['decoder_num_heads']
+
+
+def test_num_heads_flags_build_the_trained_model(tmp_path, capsys):
+    """--num-heads / --decoder-num-heads: the converted file carries them in its config; a
+    count that is no count is one line, exit 1."""
+    paddle.seed(0)
+    obj, expected, model, _ = make_case('pretrain-full')
+    src, dst = tmp_path / 'mae.pth', tmp_path / 'mae.pdparams'
+    torch.save(obj, src)
+    assert C.main(['--src', str(src), '--dst', str(dst), *TINY_HEADS]) == 0
+    config = cfgmod.from_text(checkpoint.saved_meta(str(dst))['config'], 'test')
+    assert (config.MODEL.ENCODER.NUM_HEADS, config.MODEL.DECODER.NUM_HEADS) == (4, 4)
+    assert 'heads: num_heads 4, decoder_num_heads 4 (from --num-heads' in capsys.readouterr().out
+    assert C.main(['--src', str(src), '--dst', str(tmp_path / 'b.pdparams'),
+                   '--num-heads', '0']) == 1
+    assert capsys.readouterr().err.startswith('error: --num-heads 0: not a head count')
 
 
 @pytest.mark.slow

@@ -20,13 +20,16 @@ from transformers import ViTConfig, ViTForImageClassification, ViTMAEForPreTrain
 from helpers import ROOT, hf_mae, perturb_, randomize_
 
 import checkpoint  # noqa: E402
+import config as cfgmod  # noqa: E402
 import tasks  # noqa: E402,F401  (registers the task model builders load_model uses)
 from port_weights import convert_official as C  # noqa: E402
+from port_weights import export_official as E  # noqa: E402
+from utils import UserError  # noqa: E402
 
 
-def convert(src, dst):
+def convert(src, dst, **heads):
     lines = []
-    kind, info = C.convert_file(str(src), str(dst), log=lines.append)
+    kind, info = C.convert_file(str(src), str(dst), log=lines.append, **heads)
     return kind, info, lines
 
 
@@ -35,7 +38,7 @@ def images(n=2, size=32, seed=0):
 
 
 def timm_model(**kw):
-    # (head dim 64: what the converter assumes when a file does not say its heads)
+    # (a file without a config does not say its heads: the tests give num_heads=2)
     args = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=5,
                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
     args.update(kw)
@@ -59,7 +62,7 @@ def test_timm_layerscale_safetensors(tmp_path):
     ref = timm_model(init_values=0.5, qkv_bias=False, global_pool='avg')
     src = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(src))
-    kind, info, lines = convert(src, tmp_path / 'ls.pdparams')
+    kind, info, lines = convert(src, tmp_path / 'ls.pdparams', num_heads=2)
     assert kind == 'finetuned' and any('safetensors' in x for x in lines)
     config = assert_logits_match(ref, tmp_path / 'ls.pdparams', images())
     assert config.MODEL.LAYER_SCALE > 0 and config.MODEL.QKV_BIAS == 'none'
@@ -73,7 +76,7 @@ def test_timm_pth_cls_token(tmp_path, wrapper):
     sd = ref.state_dict()
     src = tmp_path / 'vit.pth'
     torch.save({wrapper: sd, 'epoch': 3} if wrapper else sd, str(src))
-    kind, _, lines = convert(src, tmp_path / 'vit.pdparams')
+    kind, _, lines = convert(src, tmp_path / 'vit.pdparams', num_heads=2)
     assert kind == 'finetuned'
     config = assert_logits_match(ref, tmp_path / 'vit.pdparams', images())
     assert not config.MODEL.GLOBAL_POOL and config.MODEL.QKV_BIAS == 'qkv'
@@ -126,7 +129,7 @@ def test_a_converted_file_needs_no_cfg_for_eval(tmp_path):
     config: the same model load_model builds."""
     ref = timm_model(global_pool='avg')
     torch.save({'model': ref.state_dict()}, str(tmp_path / 'v.pth'))
-    convert(tmp_path / 'v.pth', tmp_path / 'v.pdparams')
+    convert(tmp_path / 'v.pth', tmp_path / 'v.pdparams', num_heads=2)
     config = checkpoint.config_for(None, str(tmp_path / 'v.pdparams'), lambda c: None)
     assert config.MODEL.NUM_CLASSES == 5 and config.DATA.IMAGE_SIZE == 32
     assert config.MODEL.ENCODER.EMBED_DIM == 128 and config.TRAIN.MODE == 'finetune'
@@ -179,7 +182,7 @@ def test_a_1000_class_head_carries_imagenet_wordnet_ids(tmp_path):
     wnids = [w for w, _ in classnames.imagenet1k()]
     ref = timm_model(num_classes=1000, global_pool='avg')
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / 'a.safetensors'))
-    convert(tmp_path / 'a.safetensors', tmp_path / 'a.pdparams')
+    convert(tmp_path / 'a.safetensors', tmp_path / 'a.pdparams', num_heads=2)
     assert checkpoint.saved_meta(str(tmp_path / 'a.pdparams'))['classes'] == wnids
     words = [names for _, names in classnames.imagenet1k()]
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1,
@@ -227,7 +230,7 @@ def test_layerscale_mae_pretrains_finetunes_exports_to_timm_and_back(tmp_path):
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
     assert np.abs(model(paddle.to_tensor(x)).numpy() - want).max() < 1e-4
-    convert(tmp_path / 'ft.safetensors', tmp_path / 'back.pdparams')
+    convert(tmp_path / 'ft.safetensors', tmp_path / 'back.pdparams', num_heads=3)
     back, cfg = checkpoint.load_model(str(tmp_path / 'back.pdparams'))
     assert cfg.MODEL.LAYER_SCALE > 0 and cfg.MODEL.QKV_BIAS == 'none'
     for k, v in model.state_dict().items():
@@ -237,3 +240,54 @@ def test_layerscale_mae_pretrains_finetunes_exports_to_timm_and_back(tmp_path):
 def paddle_state(path):
     return {k: np.asarray(v) for k, v in checkpoint.split_meta(
         checkpoint.load_file(str(path), 'weights'))[0].items()}
+
+
+def test_heads_of_a_file_without_config_are_unknown_not_guessed(tmp_path):
+    """Exported (.pth, no config) from a model of head dim 32 (128 wide, 4 heads) and converted
+    back: the heads are 'unknown', the file carries no config (so -eval asks for one), the usage
+    line leaves N to fill; --num-heads 4 gives the trained model back, logits and all."""
+    config = cfgmod.get_config(os.path.join(ROOT, 'configs', 'tiny_finetune.yaml'))
+    assert (config.MODEL.ENCODER.EMBED_DIM, config.MODEL.ENCODER.NUM_HEADS) == (128, 4)
+    paddle.seed(0)
+    model = tasks.get_task(config).build_model()
+    rng = np.random.RandomState(0)
+    model.set_state_dict({k: v.numpy() + 0.05 * rng.standard_normal(v.shape).astype('float32')
+                          for k, v in model.state_dict().items()})
+    model.eval()
+    src, pth = str(tmp_path / 'run.pdparams'), str(tmp_path / 'run.pth')
+    paddle.save(dict(model.state_dict(), **{checkpoint.META_KEY: checkpoint.run_meta(config)}),
+                src)
+    E.export(E.parse_args(['--src', src, '--dst', pth]), log=lambda *a: None)
+    _, info, lines = convert(pth, tmp_path / 'guess.pdparams')
+    assert info['unknown_heads'] == ['num_heads'] and info['config'] is None
+    assert any(x.startswith('heads: num_heads unknown') for x in lines), lines
+    assert any('MODEL.ENCODER.NUM_HEADS N ' in x for x in lines if x.startswith('use it with'))
+    assert checkpoint.saved_meta(str(tmp_path / 'guess.pdparams')) is None
+    with pytest.raises(UserError, match='-cfg FILE is needed'):
+        checkpoint.config_for(None, str(tmp_path / 'guess.pdparams'), lambda c: None)
+    _, info, lines = convert(pth, tmp_path / 'told.pdparams', num_heads=4)
+    assert info['unknown_heads'] == []
+    assert any(x.startswith('heads: num_heads 4 (from --num-heads') for x in lines), lines
+    back, cfg = checkpoint.load_model(str(tmp_path / 'told.pdparams'))
+    assert cfg.MODEL.ENCODER.NUM_HEADS == 4
+    x = paddle.to_tensor(images())
+    np.testing.assert_allclose(back(x).numpy(), model(x).numpy(), rtol=0, atol=1e-5)
+    cfgmod.merge_opts(config, ['MODEL.ENCODER.NUM_HEADS', '2'])  # the old guess: other logits
+    two = tasks.get_task(config).build_model()
+    two.set_state_dict(model.state_dict())
+    two.eval()
+    assert np.abs(two(x).numpy() - model(x).numpy()).max() > 1e-3
+
+
+def test_the_heads_a_source_carries_win_over_the_flag(tmp_path):
+    """An HF folder says its heads (config.json): they are taken, and --num-heads saying
+    otherwise is refused rather than hiding them."""
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, intermediate_size=64, num_labels=3)
+    ViTForImageClassification(cfg).save_pretrained(str(tmp_path / 'hf'))
+    _, info, lines = convert(tmp_path / 'hf', tmp_path / 'a.pdparams')
+    assert info['arch']['num_heads'] == 4 and 'from the config the source carries' in ' '.join(lines)
+    assert checkpoint.saved_meta(str(tmp_path / 'a.pdparams')) is not None
+    with pytest.raises(C.ConversionError, match=r'--num-heads 2 contradicts .*num_heads 4'):
+        convert(tmp_path / 'hf', tmp_path / 'b.pdparams', num_heads=2)
+    assert not os.path.exists(tmp_path / 'b.pdparams')
