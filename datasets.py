@@ -576,6 +576,13 @@ def listed_classes(folder):
         raise DataError(str(e)) from None
 
 
+def check_class_count(where, names, num_classes):
+    """DataError when a source names another number of classes than MODEL.NUM_CLASSES."""
+    if names and num_classes is not None and len(names) != num_classes:
+        raise DataError(f'{where} names {len(names)} classes but MODEL.NUM_CLASSES is '
+                        f'{num_classes}: set -opts MODEL.NUM_CLASSES {len(names)}')
+
+
 def class_folders(root):
     """The sorted names of root's class sub-folders, hidden ones left out."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))

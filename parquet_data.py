@@ -219,11 +219,8 @@ class ParquetDataset(datasets.ImageDataset):
         self._group_starts = group_starts
         self._groups = RowGroups(image_column)
         self.classes = class_names(self.files[0], schema, label_column, root)
-        if need_labels and self.classes and num_classes is not None and \
-                len(self.classes) != num_classes:
-            raise DataError(f'{self.files[0]}: the dataset names {len(self.classes)} classes but '
-                            f'MODEL.NUM_CLASSES is {num_classes}: set -opts MODEL.NUM_CLASSES '
-                            f'{len(self.classes)}')
+        if need_labels:
+            datasets.check_class_count(f'{self.files[0]}: the dataset', self.classes, num_classes)
         super().__init__([], np.concatenate(labels), transform, on_bad_image, mark_skipped)
 
     @staticmethod

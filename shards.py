@@ -407,15 +407,11 @@ def shard_classes(sources, root='', need_labels=False, num_classes=None):
     there is no such file. DataError for an unreadable file, or for a number of classes other
     than num_classes when labels are needed."""
     path = classes_path(sources, root)
-    if path is None or not os.path.isfile(path):
+    if path is None:
         return None
-    try:
-        names = classnames.read_classes(path)
-    except classnames.ClassFileError as e:
-        raise datasets.DataError(str(e)) from None
-    if need_labels and names and num_classes is not None and len(names) != num_classes:
-        raise datasets.DataError(f'{path} names {len(names)} classes but MODEL.NUM_CLASSES is '
-                                 f'{num_classes}: set -opts MODEL.NUM_CLASSES {len(names)}')
+    names = datasets.listed_classes(os.path.dirname(path))
+    if need_labels:
+        datasets.check_class_count(path, names, num_classes)
     return names or None
 
 

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 
@@ -130,6 +131,23 @@ def write_broken_images(folder):
     return out
 
 
+def write_tar(path, members):
+    """A plain tar of (member name, bytes) pairs -> its path (str)."""
+    with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def png_bytes(seed, size=8):
+    """A noise image encoded as PNG."""
+    buf = io.BytesIO()
+    noise_image(size, size, seed).save(buf, format='PNG')
+    return buf.getvalue()
+
+
 def write_list(path, lines):
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
@@ -182,6 +200,28 @@ def max_diff(a, b):
             x, y = np.delete(x, np.s_[third:2 * third]), np.delete(y, np.s_[third:2 * third])
         worst = max(worst, float(np.abs(x - y).max()))
     return worst
+
+
+def kill_and_resume(args, opts, tmp_path, between=None):
+    """Tiny pre-training (args, -opts opts) run uninterrupted into tmp_path/ref, and again into
+    tmp_path/killed, killed -9 once it has saved mid-way through epoch 1 and resumed with
+    -resume auto. between(killed folder) runs before the resume. -> (the uninterrupted run,
+    the resumed run, the folders (ref, killed), max abs parameter difference)."""
+    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+    first = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref,
+                opts=opts)
+    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
+           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
+           '-opts', *opts, 'REPORT_FREQ', '100']
+    kill_once_saved_mid_epoch_1(cmd, killed)
+    assert len(log_lines(killed)) < 3
+    if between is not None:
+        between(killed)
+    resumed = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
+                  '-resume', 'auto', opts=opts)
+    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
+                 params(os.path.join(killed, 'latest.pdparams')))
+    return first, resumed, (ref, killed), d
 
 
 def kill_once_saved_mid_epoch_1(cmd, out):

@@ -116,6 +116,29 @@ def test_disk_full_while_saving_keeps_the_last_pair_and_resume_auto_goes_on(data
     assert _temporary(out) == []
 
 
+def _sigterm_after(cmd, stream, marker):
+    """Run cmd, send SIGTERM once a line of `stream` ('stdout' | 'stderr') holds marker ->
+    (the finished process, its whole stdout, its whole stderr, seconds from the signal to the
+    end)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in getattr(proc, stream):
+            seen.append(line)
+            if marker in line:
+                break
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out = dict(zip(('stdout', 'stderr'), proc.communicate(timeout=300)))
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out[stream] = ''.join(seen) + out[stream]
+    return proc, out['stdout'], out['stderr'], took
+
+
 @pytest.mark.slow
 def test_sigterm_during_validation_stops_it_saves_and_resume_is_exact(data, reference, tmp_path):
     """SIGTERM while validating: stopped within seconds, the trained epoch saved with its
@@ -123,22 +146,8 @@ def test_sigterm_during_validation_stops_it_saves_and_resume_is_exact(data, refe
     out = str(tmp_path / 'stopped')
     opts = OPTS + ['DATA.VAL_LIST', 'long_val.txt']
     cmd = _command('main_multi_gpu_finetune.py', data, out, '-batch_size', '16', opts=opts)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if 'epoch 1 val [1/' in line:  # validating (after the first batch)
-                break
-        sent = time.time()
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=300)
-        took = time.time() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stdout = ''.join(seen) + stdout
+    # validating (after the first batch)
+    proc, stdout, stderr, took = _sigterm_after(cmd, 'stdout', 'epoch 1 val [1/')
     print(f'SIGTERM during validation: stopped {took:.1f} s later')
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert took < 2.5, took  # (the whole validation takes about 4 s)
@@ -171,20 +180,7 @@ def test_sigterm_during_eval_is_one_line_and_no_stack_dump(data, reference):
     cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_finetune.py'), '-data_path', data,
            '-pretrained', os.path.join(reference, 'latest.pdparams'), '-eval', '-opts',
            'DATA.VAL_LIST', 'long_val.txt', 'DATA.NUM_WORKERS', '2']
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if 'eval [1/' in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stderr = ''.join(seen) + stderr
+    proc, stdout, stderr, _ = _sigterm_after(cmd, 'stderr', 'eval [1/')
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert stdout == '', stdout  # (no result, and none of Paddle's C++ stack dump)
     assert 'Traceback' not in stderr and 'C++' not in stderr, stderr

@@ -26,7 +26,7 @@ import parquet_data
 import sources
 import tasks
 from conftest import ROOT
-from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
+from helpers import TINY_ARCH, run
 
 WNIDS = classnames.imagenet1k_wnids()
 WORDS = [words for _, words in classnames.imagenet1k()]
@@ -267,20 +267,9 @@ def test_kill_and_resume_over_parquet_is_exact(tmp_path):
     opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
                         'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1',
                         'DATA.TRAIN_PARQUET', 'train-*.parquet']
-    args = ('-data_path', str(tmp_path), '-batch_size', '4')
-    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref,
-            opts=opts)
+    r, _, _, d = H.kill_and_resume(('-data_path', str(tmp_path), '-batch_size', '4'), opts,
+                                   tmp_path)
     assert ' 7 iterations/epoch' in r.stdout + r.stderr  # 30 rows // 4
-    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
-           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
-           '-opts', *opts, 'REPORT_FREQ', '100']
-    kill_once_saved_mid_epoch_1(cmd, killed)
-    assert len(log_lines(killed)) < 3
-    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
-            '-resume', 'auto', opts=opts)
-    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
-                 params(os.path.join(killed, 'latest.pdparams')))
     print(f'parquet, resumed vs uninterrupted: max abs param diff {d:.2e}')
     assert d < 1e-5
 

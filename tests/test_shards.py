@@ -1,6 +1,5 @@
 """Tar shards (DATA.TRAIN_SHARDS / VAL_SHARDS, shards.py, tools/make_shards.py): the same samples
 as the list files, the loaders' guarantees over 1 / 2 ranks x 0 / 2 workers, bad shards."""
-import io
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import sources
 import shards
 from config import ConfigError
 from conftest import ROOT
-from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
+from helpers import TINY_ARCH, kill_and_resume, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
@@ -248,16 +247,8 @@ def test_kill_and_resume_over_shards_is_exact(data, tmp_path, kind):
                         'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1',
                         'DATA.TRAIN_SHARDS', pattern, 'DATA.SHARD_SHUFFLE_BUFFER', '5']
     args = ('-data_path', root, '-batch_size', '4')
-    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref,
-            opts=opts)
-    assert ' 7 iterations/epoch' in r.stdout + r.stderr  # 30 samples // 4
-    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
-           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
-           '-opts', *opts, 'REPORT_FREQ', '100']
-    kill_once_saved_mid_epoch_1(cmd, killed)
-    assert len(log_lines(killed)) < 3
-    if kind == 'pipe':  # resumed under another plan (no workers): said, not silent
+
+    def other_plan(killed):  # resumed under another plan (no workers): said, not silent
         other = str(tmp_path / 'other')
         shutil.copytree(killed, other)
         r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', other,
@@ -265,52 +256,36 @@ def test_kill_and_resume_over_shards_is_exact(data, tmp_path, kind):
         assert re.search(r'warning: epoch 1 began with \(processes, loader workers, batch\) = '
                          r'\(1, 2, 4\) over streamed shards and goes on with \(1, 0, 4\)',
                          r.stdout + r.stderr), r.stdout
-    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
-            '-resume', 'auto', opts=opts)
+    first, r, _, d = kill_and_resume(args, opts, tmp_path,
+                                     between=other_plan if kind == 'pipe' else None)
+    assert ' 7 iterations/epoch' in first.stdout + first.stderr  # 30 samples // 4
     assert re.search(r'resumed from .*: epoch 1, iteration [1-9]', r.stdout), r.stdout
     assert 'planned anew' not in r.stdout + r.stderr
-    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
-                 params(os.path.join(killed, 'latest.pdparams')))
     print(f'{kind} shards, resumed vs uninterrupted: max abs param diff {d:.2e}')
     assert d < 1e-5
 
 
 # --------------------------------------------------------------------------------- bad shards
 
-def _tar(path, members):
-    with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def _png(seed):
-    buf = io.BytesIO()
-    H.noise_image(8, 8, seed).save(buf, format='PNG')
-    return buf.getvalue()
-
-
 def _good(tmp_path):
-    return _tar(tmp_path / 'good.tar', [m for i in range(3) for m in
-                                        ((f'g{i}.png', _png(i)), (f'g{i}.cls', b'%d' % i))])
+    return H.write_tar(tmp_path / 'good.tar', [
+        m for i in range(3) for m in ((f'g{i}.png', H.png_bytes(i)), (f'g{i}.cls', b'%d' % i))])
 
 
 def _bad_shard(tmp_path, case):
     """-> (shard path, the member the message must name)."""
     if case == 'undecodable':
-        return _tar(tmp_path / 'bad.tar', [('a.png', _png(0)), ('a.cls', b'0'),
-                                            ('b.jpg', b'not an image at all'), ('b.cls', b'4'),
-                                            ('c.png', _png(1)), ('c.cls', b'5')]), 'b.jpg'
+        return H.write_tar(tmp_path / 'bad.tar', [
+            ('a.png', H.png_bytes(0)), ('a.cls', b'0'), ('b.jpg', b'not an image at all'),
+            ('b.cls', b'4'), ('c.png', H.png_bytes(1)), ('c.cls', b'5')]), 'b.jpg'
     if case == 'no_cls':
-        return _tar(tmp_path / 'bad.tar', [('a.png', _png(0)), ('a.cls', b'0'),
-                                            ('b.png', _png(2)), ('b.json', b'{}'),
-                                            ('c.png', _png(1)), ('c.cls', b'5')]), 'b.cls'
+        return H.write_tar(tmp_path / 'bad.tar', [
+            ('a.png', H.png_bytes(0)), ('a.cls', b'0'), ('b.png', H.png_bytes(2)),
+            ('b.json', b'{}'), ('c.png', H.png_bytes(1)), ('c.cls', b'5')]), 'b.cls'
     assert case == 'truncated'
-    path = _tar(tmp_path / 'bad.tar', [('a.png', _png(0)), ('a.cls', b'0'),
-                                       ('c.png', _png(1)), ('c.cls', b'5'),
-                                       ('b.png', _png(3)), ('b.cls', b'4')])
+    path = H.write_tar(tmp_path / 'bad.tar', [
+        ('a.png', H.png_bytes(0)), ('a.cls', b'0'), ('c.png', H.png_bytes(1)), ('c.cls', b'5'),
+        ('b.png', H.png_bytes(3)), ('b.cls', b'4')])
     with tarfile.open(path) as tar:
         cut = tar.getmember('b.png').offset_data + 20
     with open(path, 'r+b') as f:
@@ -352,8 +327,8 @@ def test_bad_shards(tmp_path, case, kind):
 
 
 def test_truncated_header_and_pipe_sources(tmp_path):
-    path = _tar(tmp_path / 'cut.tar', [('a.png', _png(0)), ('a.cls', b'0'),
-                                       ('b.png', _png(1)), ('b.cls', b'1')])
+    path = H.write_tar(tmp_path / 'cut.tar', [
+        ('a.png', H.png_bytes(0)), ('a.cls', b'0'), ('b.png', H.png_bytes(1)), ('b.cls', b'1')])
     with tarfile.open(path) as tar:
         cut = tar.getmember('b.png').offset + 100  # inside b.png's header
     with open(path, 'r+b') as f:

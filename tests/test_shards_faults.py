@@ -2,7 +2,6 @@
 shard rewritten in place, streams cut with the command exiting 0, make_shards re-run into its own
 folder, a val folder missing a class, pipe: commands of several processes outliving the run,
 and the progress lines of long steps (shards.py, tools/make_shards.py)."""
-import io
 import json
 import os
 import shutil
@@ -76,24 +75,9 @@ def _error_line(r):
     return lines[0]
 
 
-def _tar(path, members):
-    with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def _png(seed, size=8):
-    buf = io.BytesIO()
-    H.noise_image(size, size, seed).save(buf, format='PNG')
-    return buf.getvalue()
-
-
 def _good(path, n=4):
-    return _tar(path, [m for i in range(n) for m in ((f'g{i}.png', _png(i)),
-                                                     (f'g{i}.cls', b'%d' % i))])
+    return H.write_tar(path, [m for i in range(n) for m in ((f'g{i}.png', H.png_bytes(i)),
+                                                            (f'g{i}.cls', b'%d' % i))])
 
 
 def _rewrite_labels(shard, change):
@@ -102,7 +86,7 @@ def _rewrite_labels(shard, change):
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     members = [(name, b'%d' % change(int(data)) if name.endswith('.cls') else data)
                for name, data in members]
-    _tar(shard, members)
+    H.write_tar(shard, members)
 
 
 # ------------------------------------------------------------------------------- stale index

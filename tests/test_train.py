@@ -16,7 +16,7 @@ import pytest
 
 import engine
 from conftest import ROOT
-from helpers import TINY_ARCH, kill_once_saved_mid_epoch_1, log_lines, max_diff, params, run
+from helpers import TINY_ARCH, kill_and_resume, log_lines, max_diff, params, run
 
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import make_demo_dataset  # noqa: E402
@@ -123,20 +123,10 @@ def test_two_processes_equal_one(data, tmp_path):
 def test_kill_and_resume_auto_is_exact(data, tmp_path):
     opts = TINY_ARCH + ['TRAIN.NUM_EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '1',
                         'DATA.NUM_WORKERS', '2', 'SAVE_FREQ_ITERS', '2', 'SAVE_FREQ', '1']
-    ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-    args = ('-data_path', data, '-batch_size', '16')
-    run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', ref, opts=opts)
-    # the same run, killed -9 once it has saved mid-way through epoch 1 (after epoch_0)
-    cmd = [sys.executable, os.path.join(ROOT, 'main_multi_gpu_pretrain.py'), '-cfg',
-           os.path.join(ROOT, 'configs', 'tiny_pretrain.yaml'), *args, '-output', killed,
-           '-opts', *opts, 'REPORT_FREQ', '100']
-    kill_once_saved_mid_epoch_1(cmd, killed)
-    assert len(log_lines(killed)) < 3
-    r = run('main_multi_gpu_pretrain.py', 'tiny_pretrain.yaml', *args, '-output', killed,
-            '-resume', 'auto', opts=opts)
+    # the same run killed -9 once it has saved mid-way through epoch 1 (after epoch_0), resumed
+    _, r, (ref, killed), d = kill_and_resume(('-data_path', data, '-batch_size', '16'), opts,
+                                             tmp_path)
     assert re.search(r'resumed from .*: epoch 1, iteration [1-9]', r.stdout), r.stdout  # mid-epoch
-    d = max_diff(params(os.path.join(ref, 'latest.pdparams')),
-                 params(os.path.join(killed, 'latest.pdparams')))
     print(f'resumed vs uninterrupted: max abs param diff {d:.2e}')
     assert d < 1e-5
     assert [x['epoch'] for x in log_lines(killed)] == [x['epoch'] for x in log_lines(ref)] == \
